@@ -1,0 +1,116 @@
+"""Composition root: config -> observe -> runtime; signals; exit codes.
+
+Exit codes (the Cloud SQL Auth Proxy's habit of naming them): 0 clean stop, 2 configuration
+error, 3 cannot listen, 4 upstream check failed, 1 internal error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+
+from pgsidecar.config.model import Config
+from pgsidecar.runtime.listener import Sidecar
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_CONFIG = 2
+EXIT_LISTEN = 3
+EXIT_UPSTREAM = 4
+
+log = logging.getLogger("pgsidecar")
+
+
+def install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a hard dependency; plain asyncio still works
+        log.warning("uvloop is not installed; using the standard asyncio loop")
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def sidecar_id(config: Config) -> str:
+    return config.sidecar_id or f"{socket.gethostname()}:{os.getpid()}"
+
+
+class App:
+    """One running sidecar: listeners, drop log, metrics and signal handling."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.id = sidecar_id(config)
+        self.stopping: asyncio.Event | None = None
+        self.sidecar: Sidecar | None = None
+        self.drops = None
+        self.metrics = None
+
+    async def run(self) -> int:
+        from pgsidecar.observe.recorder import DropRecorder
+
+        self.stopping = asyncio.Event()
+        self.drops = DropRecorder(self.config, self.id)
+        self.sidecar = Sidecar(self.config, on_drop=self.drops.record)
+        try:
+            await self.sidecar.start()
+        except OSError as exc:
+            log.error("cannot listen on %s:%s: %s", self.config.listen.host, self.config.listen.port, exc)
+            return EXIT_LISTEN
+        self.metrics = await self._start_http()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._on_term)
+        loop.add_signal_handler(signal.SIGINT, self._on_term)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        log.info(
+            "pgsidecar listening on %s:%s, upstream %s",
+            self.config.listen.host, self.sidecar.ports[0] if self.sidecar.ports else self.config.listen.port,
+            self.config.upstream.target.redacted(),
+        )
+        await self.stopping.wait()
+        await self._shutdown()
+        return EXIT_OK
+
+    async def _start_http(self):
+        try:
+            from pgsidecar.runtime.http import start_http
+        except ImportError:
+            return None
+        return await start_http(self)
+
+    def _on_term(self) -> None:
+        assert self.stopping is not None and self.sidecar is not None
+        if self.sidecar.draining:
+            log.warning("second signal: exiting now")
+            self.stopping.set()
+            return
+        log.info("draining: no new clients; sessions finish their transaction (grace %ss)", self.config.shutdown.grace_s)
+        self.sidecar.drain()
+        asyncio.ensure_future(self._drain_wait())
+
+    async def _drain_wait(self) -> None:
+        assert self.sidecar is not None and self.stopping is not None
+        deadline = asyncio.get_running_loop().time() + self.config.shutdown.grace_s
+        while self.sidecar.drivers and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        self.stopping.set()
+
+    def _on_hup(self) -> None:
+        log.info("SIGHUP: reopening the drop log")
+        if self.drops is not None:
+            self.drops.reopen()
+
+    async def _shutdown(self) -> None:
+        assert self.sidecar is not None
+        await self.sidecar.close()
+        if self.metrics is not None:
+            await self.metrics.close()
+        if self.drops is not None:
+            self.drops.close()
+
+
+def run(config: Config) -> int:
+    install_uvloop()
+    return asyncio.run(App(config).run())

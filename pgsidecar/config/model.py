@@ -1,0 +1,216 @@
+"""The one typed configuration model: frozen values, units in field names.
+
+Everything else reads these; only `load.py` builds them from files, environment and flags, and
+only `conninfo.py` builds an `UpstreamTarget` from a libpq connection string.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class SslMode(enum.Enum):
+    """libpq's sslmode values, spelled exactly as libpq spells them (PostgreSQL docs 34.19.1)."""
+
+    DISABLE = "disable"
+    ALLOW = "allow"
+    PREFER = "prefer"
+    REQUIRE = "require"
+    VERIFY_CA = "verify-ca"
+    VERIFY_FULL = "verify-full"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTarget:
+    """Where and how to reach the real PostgreSQL server, in libpq's terms.
+
+    `host` is a name, an IP address, or a unix socket directory (starts with '/'). `dbname` and
+    `user` None mean "whatever the client asked for". The password never shows in repr or logs.
+    """
+
+    host: str
+    port: int = 5432
+    dbname: str | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    sslmode: SslMode = SslMode.PREFER
+    sslrootcert: str | None = None
+    sslcert: str | None = None
+    sslkey: str | None = None
+    sslsni: bool = True
+    connect_timeout_s: float | None = None
+    application_name: str | None = None
+    options: str | None = None
+
+    @property
+    def is_unix_socket(self) -> bool:
+        """libpq: a host starting with a slash is a socket directory (PostgreSQL docs 34.1.2)."""
+        return self.host.startswith("/")
+
+    def redacted(self) -> str:
+        """A key=value connection string for logs that parse_conninfo reads back; it never
+        contains the password."""
+        parts = [("host", self.host), ("port", str(self.port))]
+        optional: list[tuple[str, str | None]] = [
+            ("dbname", self.dbname),
+            ("user", self.user),
+            ("sslmode", self.sslmode.value),
+            ("sslrootcert", self.sslrootcert),
+            ("sslcert", self.sslcert),
+            ("sslkey", self.sslkey),
+            ("sslsni", None if self.sslsni else "0"),
+            ("connect_timeout", _seconds_text(self.connect_timeout_s)),
+            ("application_name", self.application_name),
+            ("options", self.options),
+        ]
+        parts.extend((k, v) for k, v in optional if v is not None)
+        return " ".join(f"{k}={quote_conninfo_value(v)}" for k, v in parts)
+
+
+def quote_conninfo_value(value: str) -> str:
+    """Quote a value the way libpq's key=value parser reads it back (PostgreSQL docs 34.1.1.1):
+    single quotes around empty values or values with spaces, quotes and backslashes escaped."""
+    if value and not any(c.isspace() or c in "'\\" for c in value):
+        return value
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{escaped}'"
+
+
+def _seconds_text(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return str(int(seconds)) if float(seconds).is_integer() else repr(seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class KeepaliveConfig:
+    """TCP keepalive for the upstream socket: aggressive, so a dead path shows in seconds."""
+
+    idle_s: float = 10.0
+    interval_s: float = 5.0
+    count: int = 3
+    user_timeout_s: float | None = None
+
+    @property
+    def effective_user_timeout_s(self) -> float:
+        """TCP_USER_TIMEOUT: as set, else idle + interval x count - 0.5 s (Odyssey's rule), so
+        unacknowledged data fails the socket at about the moment keepalive would."""
+        if self.user_timeout_s is not None:
+            return self.user_timeout_s
+        return self.idle_s + self.interval_s * self.count - 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    """Where applications connect to pgsidecar, and the limits on what they may send."""
+
+    host: str = "127.0.0.1"
+    port: int = 6432
+    unix_socket_dir: str | None = None
+    tls: bool = True
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_clients: int = 1000
+    startup_timeout_s: float = 10.0
+    max_message_bytes: int = 1073741823
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """The real server and how the connection to it is kept alive and checked."""
+
+    target: UpstreamTarget
+    keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig)
+    check_after_idle_s: float | None = None
+
+
+AUTH_MODES = ("passthrough", "configured")
+CLIENT_AUTH_MODES = ("trust", "scram")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """How pgsidecar authenticates upstream (`mode`) and how it checks local clients
+    (`client_auth`, used in `configured` mode). Secrets never show in repr."""
+
+    mode: str = "passthrough"
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    password_file: str | None = None
+    client_auth: str = "trust"
+    client_password: str | None = field(default=None, repr=False)
+
+
+TRANSACTION_LOSS_ACTIONS = ("error", "close")
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectConfig:
+    """How long and how hard to try for a new upstream connection after a drop."""
+
+    deadline_s: float = 30.0
+    backoff_initial_s: float = 0.1
+    backoff_max_s: float = 2.0
+    max_concurrent: int = 8
+    on_transaction_loss: str = "error"
+    max_buffered_bytes: int = 1048576
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """Backpressure: stop reading one side above high water, resume below low water."""
+
+    high_water_bytes: int = 262144
+    low_water_bytes: int = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class DropLogConfig:
+    """Where drop records go: None is off, "-" is stderr, else a file rotated by size."""
+
+    path: str | None = None
+    max_bytes: int = 104857600
+    backups: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The HTTP listener for /metrics and health endpoints; None turns it off."""
+
+    listen: str | None = "127.0.0.1:9188"
+
+
+LOG_FORMATS = ("auto", "json", "text")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """Process log format ("auto" is text on a terminal, JSON otherwise) and level."""
+
+    format: str = "auto"
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownConfig:
+    """How long a drain may take on SIGTERM before remaining clients are closed."""
+
+    grace_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """The whole configuration. Keyword-only: only `upstream` has no default."""
+
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    upstream: UpstreamConfig
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    reconnect: ReconnectConfig = field(default_factory=ReconnectConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    drop_log: DropLogConfig = field(default_factory=DropLogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    sidecar_id: str | None = None

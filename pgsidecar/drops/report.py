@@ -1,0 +1,552 @@
+"""`pgsidecar drops`: read drop records from many sidecars and say what happened.
+
+Sections: totals by cause, a timeline, idle ages that cluster at one value (a middlebox idle
+timeout names itself this way), drops at the same moment across sidecars (a server-side event),
+and the hints with their counts. Pure: the caller passes `now`; files are only read.
+Known middlebox timeouts: ../shared/reference/drops.md "Middleboxes that forget idle flows".
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from pgsidecar.drops.causes import DropCause
+from pgsidecar.drops.record import DropRecord, DropRecordError, iso_utc, parse_time
+
+# Idle-age clustering: members lie within +/- max(2 %, 3 s) of the center.
+CLUSTER_REL = 0.02
+CLUSTER_ABS_S = 3.0
+CLUSTER_MIN_COUNT = 3
+CLUSTER_MIN_SHARE = 0.30
+# Correlation: drops against one upstream within this window form one event.
+EVENT_WINDOW_S = 1.0
+EVENT_MIN_SIDECARS = 2
+EVENT_MIN_CLIENTS = 3
+
+_NETWORK_CAUSES = frozenset(
+    {
+        DropCause.PATH_IDLE_TIMEOUT,
+        DropCause.NETWORK_RESET,
+        DropCause.NETWORK_TIMEOUT,
+        DropCause.UNKNOWN,
+    }
+)
+_SERVER_SETTING = {
+    DropCause.IDLE_SESSION_TIMEOUT: "idle_session_timeout",
+    DropCause.IDLE_IN_TRANSACTION_TIMEOUT: "idle_in_transaction_session_timeout",
+    DropCause.TRANSACTION_TIMEOUT: "transaction_timeout",
+}
+_EVIDENCE_WORDS = {
+    "postmaster_start_changed": "postmaster start time changed",
+    "in_recovery_seen": "server was in recovery",
+    "reconnect_first_error=57P03": "server was starting up",
+    "reconnect_first_error=ECONNREFUSED": "connection refused at first",
+    "reconnect_failed": "reconnect failed",
+    "certificate_changed": "certificate changed",
+    "address_changed": "address changed",
+    "read_only_now": "server read-only now",
+    "postmaster_unchanged": "postmaster unchanged",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Middlebox:
+    """A device or default known to forget idle flows after a fixed time."""
+
+    low_s: float
+    high_s: float
+    name: str
+
+
+MIDDLEBOXES: tuple[Middlebox, ...] = (
+    Middlebox(233.0, 247.0, "Azure Load Balancer (240 s default)"),
+    Middlebox(343.0, 357.0, "AWS NLB / NAT Gateway / Gateway LB (350 s)"),
+    Middlebox(1176.0, 1224.0, "GCP Cloud NAT (1200 s established)"),
+    Middlebox(7200.0, 8000.0, "Linux keepalive defaults (7200 s + 9 x 75 s)"),
+)
+
+
+def middlebox_for(idle_s: float) -> str | None:
+    """The known middlebox whose idle timeout matches this idle age, if any."""
+    for box in MIDDLEBOXES:
+        if box.low_s <= idle_s <= box.high_s:
+            return box.name
+    return None
+
+
+@dataclass(slots=True)
+class Source:
+    """What one input yielded, for error reporting."""
+
+    name: str
+    records: int = 0
+    malformed: int = 0
+
+
+@dataclass(slots=True)
+class Loaded:
+    """All records read, and per-source counts."""
+
+    records: list[DropRecord] = field(default_factory=list)
+    sources: list[Source] = field(default_factory=list)
+
+
+class UsageError(Exception):
+    """A bad argument or an input that cannot be opened (exit 2)."""
+
+
+def main(
+    argv: list[str],
+    *,
+    stdin: IO[str] = sys.stdin,
+    stdout: IO[str] = sys.stdout,
+    stderr: IO[str] = sys.stderr,
+    now: float | None = None,
+) -> int:
+    """Run `pgsidecar drops`; returns the exit code (0 ok, 1 unreadable input, 2 usage)."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed the message
+        return int(exc.code or 0)
+    try:
+        loaded = load(args.paths or ["-"], stdin=stdin, stderr=stderr)
+        records = _window(loaded.records, args.since, args.until, now)
+    except UsageError as exc:
+        print(f"pgsidecar drops: {exc}", file=stderr)
+        return 2
+    summary = summarize(records)
+    summary["malformed"] = sum(s.malformed for s in loaded.sources)
+    if args.json:
+        stdout.write(json.dumps(summary, ensure_ascii=False, allow_nan=False) + "\n")
+    else:
+        stdout.write(render_text(summary))
+    failed = [s for s in loaded.sources if s.records == 0 and s.malformed > 0]
+    for src in failed:
+        print(
+            f"pgsidecar drops: {src.name}: no drop records could be read"
+            f" ({src.malformed} malformed line{'s' if src.malformed != 1 else ''})",
+            file=stderr,
+        )
+    return 1 if failed else 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pgsidecar drops",
+        description="Summarise pgsidecar drop logs (JSON lines, .gz too; '-' or none: stdin).",
+    )
+    p.add_argument("paths", nargs="*", metavar="PATH", help="drop log files, or - for stdin")
+    p.add_argument("--since", help="DURATION back from now (e.g. 24h, 90m, 1h30m) or a TIME")
+    p.add_argument("--until", help="DURATION back from now or an ISO-8601 TIME (UTC if naive)")
+    p.add_argument("--json", action="store_true", help="one JSON object for machines")
+    return p
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def load(paths: Sequence[str], *, stdin: IO[str], stderr: IO[str]) -> Loaded:
+    """Read every path; malformed lines are reported on stderr and skipped."""
+    loaded = Loaded()
+    for path in paths:
+        src = Source("<stdin>" if path == "-" else path)
+        loaded.sources.append(src)
+        with _InputLines(path, stdin) as lines:
+            try:
+                _read_lines(lines, src, loaded.records, stderr)
+            except (OSError, EOFError, UnicodeDecodeError) as exc:
+                print(f"pgsidecar drops: {src.name}: read error: {exc}", file=stderr)
+                src.malformed += 1
+    return loaded
+
+
+def _read_lines(lines: Iterable[str], src: Source, out: list[DropRecord], stderr: IO[str]) -> None:
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(DropRecord.from_json(line))
+        except DropRecordError as exc:
+            src.malformed += 1
+            print(f"{src.name}:{lineno}: not a drop record: {exc}", file=stderr)
+        else:
+            src.records += 1
+
+
+class _InputLines:
+    """Context manager yielding text lines from a path, a .gz file, or stdin for '-'."""
+
+    def __init__(self, path: str, stdin: IO[str]) -> None:
+        self.path, self.stdin = path, stdin
+        self.handle: IO[str] | None = None
+
+    def __enter__(self) -> Iterator[str]:
+        if self.path == "-":
+            return iter(self.stdin)
+        try:
+            raw = open(self.path, "rb")  # noqa: SIM115 - closed in __exit__
+        except FileNotFoundError:
+            raise UsageError(f"{self.path}: no such file") from None
+        except OSError as exc:
+            raise UsageError(f"{self.path}: cannot open: {exc.strerror or exc}") from None
+        magic = raw.peek(2)[:2] if hasattr(raw, "peek") else b""
+        binary: IO[bytes] = gzip.GzipFile(fileobj=raw) if magic == b"\x1f\x8b" else raw
+        self.handle = io.TextIOWrapper(binary, encoding="utf-8", errors="replace")
+        return iter(self.handle)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.handle is not None:
+            self.handle.close()
+
+
+# -- time window -----------------------------------------------------------------------------
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(w|d|h|m|min|s|sec)?", re.IGNORECASE)
+_UNIT_S = {"w": 604800.0, "d": 86400.0, "h": 3600.0, "m": 60.0, "min": 60.0, "s": 1.0, "sec": 1.0}
+
+
+def parse_duration(text: str) -> float | None:
+    """'24h', '90m', '1h30m', '45s', '2d', '300' (seconds) -> seconds; None if not a duration."""
+    text = text.strip()
+    pos, total = 0, 0.0
+    for m in _DURATION.finditer(text):
+        if m.start() != pos or not m.group(0):
+            return None
+        total += float(m.group(1)) * _UNIT_S[(m.group(2) or "s").lower()]
+        pos = m.end()
+    return total if pos == len(text) and pos > 0 else None
+
+
+def resolve_bound(text: str, reference: float) -> float:
+    """A --since/--until value: a duration back from `reference`, or an absolute time."""
+    duration = parse_duration(text)
+    if duration is not None:
+        return reference - duration
+    try:
+        return parse_time(text)
+    except ValueError:
+        raise UsageError(f"not a duration or an ISO-8601 time: {text!r}") from None
+
+
+def _window(
+    records: list[DropRecord], since: str | None, until: str | None, now: float | None
+) -> list[DropRecord]:
+    if since is None and until is None:
+        return records
+    reference = now if now is not None else max((r.time for r in records), default=0.0)
+    low = resolve_bound(since, reference) if since else float("-inf")
+    high = resolve_bound(until, reference) if until else float("inf")
+    return [r for r in records if low <= r.time <= high]
+
+
+# -- analysis --------------------------------------------------------------------------------
+
+
+def summarize(records: Sequence[DropRecord]) -> dict[str, Any]:
+    """Every section of the report as plain data (what --json prints)."""
+    recs = sorted(records, key=lambda r: r.time)
+    if not recs:
+        return {"count": 0}
+    first, last = recs[0].time, recs[-1].time
+    by_cause = Counter(r.cause for r in recs)
+    return {
+        "count": len(recs),
+        "first": iso_utc(first),
+        "last": iso_utc(last),
+        "span_s": round(last - first, 3),
+        "sidecars": len({r.sidecar for r in recs}),
+        "upstreams": len({_upstream_key(r) for r in recs}),
+        "by_cause": [
+            {"cause": c.value, "phrase": c.phrase, "count": n} for c, n in by_cause.most_common()
+        ],
+        "impact": _impact(recs),
+        "secondary": dict(Counter(s.value for r in recs for s in r.secondary).most_common()),
+        "timeline": timeline(recs),
+        "idle_clusters": idle_clusters(recs),
+        "events": correlated_events(recs),
+        "hints": _hints(recs),
+    }
+
+
+def _impact(recs: Sequence[DropRecord]) -> dict[str, int]:
+    transparent = sum(1 for r in recs if r.impact == "transparent")
+    return {"transparent": transparent, "client_saw_error": len(recs) - transparent}
+
+
+def timeline(recs: Sequence[DropRecord]) -> dict[str, Any]:
+    """Counts per minute (span < 2 h), per hour (< 3 days) or per day; empty buckets omitted."""
+    span = recs[-1].time - recs[0].time
+    if span < 7200:
+        unit, size = "minute", 60
+    else:
+        unit, size = ("hour", 3600) if span < 259200 else ("day", 86400)
+    buckets: dict[int, Counter[str]] = {}
+    for r in recs:
+        buckets.setdefault(int(r.time // size) * size, Counter())[r.cause.value] += 1
+    rows = [
+        {"start": iso_utc(start), "count": sum(c.values()), "by_cause": dict(c.most_common())}
+        for start, c in sorted(buckets.items())
+    ]
+    return {"bucket": unit, "rows": rows}
+
+
+def _tolerance(value: float) -> float:
+    return max(CLUSTER_REL * value, CLUSTER_ABS_S)
+
+
+def find_clusters(values: Sequence[float], total: int) -> list[list[float]]:
+    """Tight groups of idle ages: >= 3 members and >= 30 % of `total`, densest first."""
+    remaining = sorted(values)
+    clusters: list[list[float]] = []
+    while len(remaining) >= CLUSTER_MIN_COUNT:
+        best: list[float] = []
+        lo = 0
+        for center in remaining:
+            tol = _tolerance(center)
+            while remaining[lo] < center - tol:
+                lo += 1
+            hi = lo
+            while hi < len(remaining) and remaining[hi] <= center + tol:
+                hi += 1
+            if hi - lo > len(best):
+                best = remaining[lo:hi]
+        if len(best) < CLUSTER_MIN_COUNT or len(best) < CLUSTER_MIN_SHARE * total:
+            break
+        clusters.append(best)
+        taken = Counter(best)
+        rest = []
+        for v in remaining:
+            if taken[v]:
+                taken[v] -= 1
+            else:
+                rest.append(v)
+        remaining = rest
+    return clusters
+
+
+def idle_clusters(recs: Sequence[DropRecord]) -> list[dict[str, Any]]:
+    """Per cause, drops whose idle ages cluster at one value, with what that value suggests."""
+    out: list[dict[str, Any]] = []
+    by_cause: dict[DropCause, list[DropRecord]] = {}
+    for r in recs:
+        by_cause.setdefault(r.cause, []).append(r)
+    for cause, group in by_cause.items():
+        for members in find_clusters([r.idle_s for r in group], len(group)):
+            center = members[len(members) // 2]
+            lo, hi = members[0], members[-1]
+            in_cluster = [r for r in group if lo <= r.idle_s <= hi]
+            described = _describe_cluster(
+                cause, center, lo, hi, len(members), len(group), in_cluster
+            )
+            out.append(described)
+    out.sort(key=lambda c: -c["count"])
+    return out
+
+
+def _describe_cluster(
+    cause: DropCause,
+    center: float,
+    lo: float,
+    hi: float,
+    count: int,
+    of_cause: int,
+    members: Sequence[DropRecord],
+) -> dict[str, Any]:
+    spread = max(center - lo, hi - center)
+    keepalives = Counter(r.keepalive_idle_s for r in members)
+    keepalive = keepalives.most_common(1)[0][0] if keepalives else None
+    box = middlebox_for(center) if cause in _NETWORK_CAUSES else None
+    return {
+        "cause": cause.value,
+        "idle_s": round(center, 1),
+        "spread_s": round(spread, 1),
+        "count": count,
+        "of_cause": of_cause,
+        "middlebox": box,
+        "keepalive_idle_s": keepalive,
+        "explanation": _cluster_explanation(cause, center, box, keepalive),
+    }
+
+
+def _cluster_explanation(
+    cause: DropCause, center: float, box: str | None, keepalive: float | None
+) -> str:
+    if cause in _SERVER_SETTING:
+        return f"the server's {_SERVER_SETTING[cause]} is about {center:.0f} s"
+    if cause not in _NETWORK_CAUSES:
+        return f"{cause.phrase} after the same idle time"
+    if keepalive is not None and keepalive > 0 and keepalive <= center <= keepalive + 60:
+        return (
+            f"dropped when keepalive probes started (upstream.keepalive.idle = {keepalive:g} s):"
+            " a device on this path forgets flows idle for less than that: lower"
+            " upstream.keepalive.idle"
+        )
+    device = box or f"a device with a ~{center:.0f} s idle timeout"
+    now = "off" if keepalive is None else f"{keepalive:g} s"
+    advice = ""
+    if keepalive is None or keepalive >= center:
+        advice = (
+            f"; keepalives are off or longer than {center:.0f} s on this path: set"
+            f" upstream.keepalive.idle below it (now {now})"
+        )
+    return f"a load balancer or NAT idle timeout between you and the server: {device}{advice}"
+
+
+def _upstream_key(r: DropRecord) -> str:
+    host = r.upstream.host or r.upstream.address or "?"
+    return f"{host}:{r.upstream.port}" if r.upstream.port is not None else host
+
+
+def correlated_events(recs: Sequence[DropRecord]) -> list[dict[str, Any]]:
+    """Drops against one upstream within one second from >= 2 sidecars or >= 3 clients."""
+    by_upstream: dict[str, list[DropRecord]] = {}
+    for r in recs:
+        by_upstream.setdefault(_upstream_key(r), []).append(r)
+    all_sidecars = len({r.sidecar for r in recs})
+    events: list[dict[str, Any]] = []
+    for upstream, group in by_upstream.items():
+        current: list[DropRecord] = []
+        for r in group + [None]:  # type: ignore[list-item]
+            if r is not None and current and r.time - current[0].time <= EVENT_WINDOW_S:
+                current.append(r)
+                continue
+            if current:
+                event = _event(upstream, current, all_sidecars)
+                if event is not None:
+                    events.append(event)
+            current = [r] if r is not None else []
+    events.sort(key=lambda e: e["time"])
+    return events
+
+
+def _event(upstream: str, group: list[DropRecord], all_sidecars: int) -> dict[str, Any] | None:
+    sidecars = {r.sidecar for r in group}
+    clients = {(r.sidecar, r.client.addr, r.client.application_name) for r in group}
+    if len(sidecars) < EVENT_MIN_SIDECARS and len(clients) < EVENT_MIN_CLIENTS:
+        return None
+    causes = Counter(r.cause for r in group)
+    cause = causes.most_common(1)[0][0]
+    shared = set(group[0].evidence)
+    for r in group[1:]:
+        shared &= set(r.evidence)
+    facts = [e for e in group[0].evidence if e in shared and not e.startswith("kind=")]
+    return {
+        "time": iso_utc(group[0].time),
+        "upstream": upstream,
+        "drops": len(group),
+        "sidecars": len(sidecars),
+        "all_sidecars": len(sidecars) == all_sidecars and all_sidecars > 1,
+        "clients": len(clients),
+        "cause": cause.value,
+        "phrase": cause.phrase,
+        "causes": {c.value: n for c, n in causes.most_common()},
+        "evidence": facts,
+    }
+
+
+def _hints(recs: Sequence[DropRecord]) -> list[dict[str, Any]]:
+    counts = Counter((r.cause.value, r.hint) for r in recs)
+    return [{"cause": c, "count": n, "hint": h} for (c, h), n in counts.most_common()]
+
+
+# -- text output -----------------------------------------------------------------------------
+
+
+def human_span(seconds: float) -> str:
+    """A span in the unit a person would use."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 259200:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def _short_time(iso: str, same_day: bool) -> str:
+    dt = datetime.fromisoformat(iso.replace("Z", "+00:00")).astimezone(UTC)
+    return f"{dt:%H:%M:%S}" if same_day else f"{dt:%Y-%m-%d %H:%M:%S}Z"
+
+
+def render_text(summary: dict[str, Any]) -> str:
+    """The terminal report: headline, then one block per section."""
+    if summary["count"] == 0:
+        return "no drops\n"
+    lines = [_headline(summary), ""]
+    lines += _by_cause_block(summary)
+    lines += _timeline_block(summary["timeline"])
+    same_day = summary["first"][:10] == summary["last"][:10]
+    if summary["idle_clusters"]:
+        lines.append("Idle ages")
+        for c in summary["idle_clusters"]:
+            lines.append(
+                f"  {c['count']} at idle {c['idle_s']:.0f} s +/- {max(c['spread_s'], 1):.0f} s"
+                f" ({c['cause']}, {c['count']} of {c['of_cause']}): {c['explanation']}."
+            )
+        lines.append("")
+    if summary["events"]:
+        lines.append("Same moment, several sidecars or clients (server-side events)")
+        for e in summary["events"]:
+            lines.append("  " + _event_line(e, same_day))
+        lines.append("")
+    lines.append("Hints")
+    for h in summary["hints"]:
+        lines.append(f"  {h['count']:>4}  {h['cause']}: {h['hint']}")
+    return "\n".join(lines) + "\n"
+
+
+def _headline(s: dict[str, Any]) -> str:
+    n = s["count"]
+    what = f"{n} drop{'s' if n != 1 else ''}"
+    when = f"in {human_span(s['span_s'])}" if s["span_s"] >= 1 else f"at {s['first']}"
+    where = f"{s['sidecars']} sidecar{'s' if s['sidecars'] != 1 else ''}"
+    impact = s["impact"]
+    return (
+        f"{what} {when} ({s['first']} .. {s['last']}), {where};"
+        f" {impact['transparent']} transparent, {impact['client_saw_error']} reached the client"
+    )
+
+
+def _by_cause_block(s: dict[str, Any]) -> list[str]:
+    width = max(len(c["cause"]) for c in s["by_cause"])
+    lines = ["By cause"]
+    for c in s["by_cause"]:
+        lines.append(f"  {c['count']:>4}  {c['cause']:<{width}}  {c['phrase']}")
+    for name, n in s["secondary"].items():
+        lines.append(f"        also during reconnect: {name} x{n}")
+    return [*lines, ""]
+
+
+def _timeline_block(t: dict[str, Any]) -> list[str]:
+    fmt = {"minute": 16, "hour": 13, "day": 10}[t["bucket"]]
+    peak = max(row["count"] for row in t["rows"])
+    lines = [f"Timeline (per {t['bucket']}, UTC)"]
+    for row in t["rows"]:
+        bar = "#" * max(1, round(40 * row["count"] / peak))
+        stamp = row["start"][:fmt].replace("T", " ")
+        causes = ", ".join(f"{c} {n}" for c, n in row["by_cause"].items())
+        lines.append(f"  {stamp:<16} {row['count']:>4} {bar}  {causes}")
+    return [*lines, ""]
+
+
+def _event_line(e: dict[str, Any], same_day: bool) -> str:
+    who = (
+        f"across all {e['sidecars']} sidecars"
+        if e["all_sidecars"]
+        else f"across {e['sidecars']} sidecar{'s' if e['sidecars'] != 1 else ''}"
+        f" ({e['clients']} clients)"
+    )
+    why = ", ".join(_EVIDENCE_WORDS.get(f, f) for f in e["evidence"][:3])
+    reason = f"{e['phrase']} ({why})" if why else e["phrase"]
+    return f"{e['drops']} at {_short_time(e['time'], same_day)} on {e['upstream']} {who}: {reason}."

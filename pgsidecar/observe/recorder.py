@@ -1,0 +1,98 @@
+"""Turns the brain's drop facts into a classified DropRecord: written, logged and counted."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pgsidecar.config.model import Config
+from pgsidecar.drops.classify import Evidence, Observed, ReconnectOutcome, classify
+from pgsidecar.drops.record import ClientInfo, DropRecord, UpstreamInfo, human_line, iso_utc
+from pgsidecar.observe.droplog import DropLogWriter
+
+log = logging.getLogger("pgsidecar.drops")
+
+_OBSERVED_KEYS = ("sqlstate", "severity", "message", "tls_close_notify", "errno_name")
+_REVEAL_KEYS = ("postmaster_start_changed", "in_recovery_seen", "certificate_changed", "address_changed", "read_only_now")
+
+
+def build_record(info: dict[str, Any], *, sidecar: str, config: Config) -> DropRecord:
+    """Pure assembly: the brain's facts -> Evidence -> classify -> DropRecord."""
+    obs = info["observed"]
+    observed = Observed(
+        kind=obs["kind"],
+        tcp_info=obs.get("tcp_info"),
+        tls_alert=obs.get("detail") if obs["kind"] == "tls_error" else None,
+        **{key: obs.get(key) for key in _OBSERVED_KEYS},
+    )
+    rec = info.get("reconnect") or {}
+    reconnect = ReconnectOutcome(
+        attempts=int(rec.get("attempts", 0)),
+        duration_s=float(rec.get("duration_s", 0.0)),
+        succeeded=bool(rec.get("succeeded")),
+        errors=tuple(rec.get("errors", ())),
+        **{key: rec.get(key) for key in _REVEAL_KEYS},
+    ) if rec else None
+    keepalive = config.upstream.keepalive
+    evidence = Evidence(
+        observed=observed,
+        state=info["state"],
+        idle_s=float(info["idle_s"]),
+        age_s=float(info["age_s"]),
+        keepalive_idle_s=keepalive.idle_s,
+        user_timeout_s=keepalive.effective_user_timeout_s,
+        reconnect=reconnect,
+    )
+    up = info.get("upstream") or {}
+    cl = info.get("client") or {}
+    not_after = up.get("cert_not_after")
+    return DropRecord.from_evidence(
+        time=float(info["time"]),
+        sidecar=sidecar,
+        client=ClientInfo(addr=cl.get("addr"), application_name=cl.get("application_name"),
+                          user=cl.get("user"), database=cl.get("database")),
+        upstream=UpstreamInfo(
+            host=up.get("host"), address=up.get("address"), port=up.get("port"),
+            backend_pid=up.get("backend_pid"), server_version=up.get("server_version"),
+            tls_version=up.get("tls_version"), tls_cipher=up.get("tls_cipher"),
+            cert_fingerprint_sha256=up.get("cert_fingerprint"),
+            cert_not_after=iso_utc(not_after) if isinstance(not_after, (int, float)) else not_after,
+        ),
+        connected_at=float(info.get("connected_at") or 0.0),
+        client_idle_s=info.get("client_idle_s"),
+        evidence=evidence,
+        impact=info.get("impact", "transparent"),
+        classification=classify(evidence),
+    )
+
+
+class DropRecorder:
+    """Owns the drop log; one call per drop from the runtime."""
+
+    def __init__(self, config: Config, sidecar: str, *, on_record=None) -> None:
+        self.config = config
+        self.sidecar = sidecar
+        self.writer = DropLogWriter(config.drop_log.path, config.drop_log.max_bytes, config.drop_log.backups)
+        self.on_record = on_record
+
+    def record(self, driver: object, info: dict[str, Any]) -> DropRecord | None:
+        try:
+            rec = build_record(info, sidecar=self.sidecar, config=self.config)
+        except (KeyError, TypeError, ValueError) as exc:  # an internal bug must not kill the session
+            log.error("could not build a drop record: %s (%r)", exc, info)
+            return None
+        try:
+            self.writer.write(rec)
+        except OSError as exc:
+            log.error("could not write the drop log: %s", exc)
+        level = logging.INFO if rec.impact.startswith("transparent") else logging.WARNING
+        log.log(level, human_line(rec), extra={"fields": {"drop": rec.to_dict()}})
+        if self.on_record is not None:
+            self.on_record(rec)
+        return rec
+
+    def reopen(self) -> None:
+        self.writer.reopen()
+
+    def close(self) -> None:
+        self.writer.close()

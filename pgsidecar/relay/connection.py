@@ -1,0 +1,617 @@
+"""SidecarConnection: the brain of one client session. Events in, commands out, no I/O.
+
+The runtime feeds it what the sockets and timers say and carries out the commands it returns.
+It follows DESIGN's session rules: a drop while idle is hidden (reconnect, replay), a drop inside a
+transaction becomes an ordinary 08006 error, a drop with a request in flight becomes 08007, and
+nothing is ever sent to the server twice unless the server proved it never ran it (57P05).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from pgsidecar.relay import commands as cmd
+from pgsidecar.relay import events as ev
+from pgsidecar.relay.internal import InternalReplies
+from pgsidecar.relay.login import UpstreamLogin
+from pgsidecar.relay.phases import Phase, check_transition
+from pgsidecar.relay.recovery import DropTracker, LocalAbortResponder, decide_drop, error_bytes, ready_bytes
+from pgsidecar.session.pending import Owner, PendingReplies, TxStatus
+from pgsidecar.session.replay import plan_replay
+from pgsidecar.session.state import FACTS_SQL, SessionBook, may_commit, snapshot_sql, tag_is_dirty
+from pgsidecar.wire import backend as be
+from pgsidecar.wire import frontend as fe
+from pgsidecar.wire import sqlstate
+from pgsidecar.wire.errors import ClientProtocolError, ProtocolError
+from pgsidecar.wire.frames import FrameScanner, StartupReader
+
+_Q, _P, _SYNC, _CLOSE, _TERMINATE, _FCALL = b"Q"[0], b"P"[0], b"S"[0], b"C"[0], b"X"[0], b"F"[0]
+_Z, _E, _N, _CC, _PS = b"Z"[0], b"E"[0], b"N"[0], b"C"[0], b"S"[0]
+_CLIENT_WANTED = b"QPSCXF"
+_SERVER_WANTED = b"ZECSN"
+# 55.2.1: a newer minor version or unknown _pq_ options get NegotiateProtocolVersion.
+_PROTOCOL_3_0 = 3 << 16
+_RETRY_STATES = {sqlstate.CANNOT_CONNECT_NOW, sqlstate.TOO_MANY_CONNECTIONS}
+_GIVE_UP_STATES = {sqlstate.INVALID_PASSWORD, sqlstate.INVALID_AUTHORIZATION_SPECIFICATION, sqlstate.INVALID_CATALOG_NAME}
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPolicy:
+    """The parts of the configuration one session needs (relay/ does not import config/)."""
+
+    client_tls: bool = True
+    max_message_bytes: int = 1073741823
+    startup_timeout_s: float = 10.0
+    reconnect_deadline_s: float = 30.0
+    backoff_initial_s: float = 0.1
+    backoff_max_s: float = 2.0
+    on_transaction_loss: str = "error"
+    max_buffered_bytes: int = 1 << 20
+    max_inflight_copy_bytes: int = 1 << 20
+    upstream_user: str | None = None  # auth.mode configured: the upstream credentials
+    upstream_password: str | None = None
+    upstream_dbname: str | None = None
+    application_name: str | None = None
+
+
+class SidecarConnection:
+    """One client session. ``handle(event)`` returns the commands to carry out, in order."""
+
+    def __init__(self, policy: SessionPolicy, *, secret: bytes, rng: random.Random | None = None) -> None:
+        self.policy = policy
+        self.secret = secret
+        self.rng = rng or random.Random()
+        self.phase = Phase.STARTUP
+        self.pending = PendingReplies()
+        self.book = SessionBook()
+        self.startup = StartupReader()
+        self.client_scan = FrameScanner(_CLIENT_WANTED, policy.max_message_bytes, client=True)
+        self.server_scan = FrameScanner(_SERVER_WANTED, policy.max_message_bytes, client=False)
+        self.internal = InternalReplies()
+        self.drops = DropTracker()
+        self.local_abort: LocalAbortResponder | None = None
+        self.login: UpstreamLogin | None = None
+        self.params: dict[str, str] = {}  # startup parameters sent upstream
+        self.password: str | None = policy.upstream_password
+        self.client_params: dict[str, str] = {}  # ParameterStatus values the client was told
+        self.client_tls = False
+        self.trusted_transport = False
+        self.peer = ""
+        self.first_backend_pid = 0
+        self.backend_key: tuple[int, bytes] = (0, b"")
+        self.facts: dict = {}
+        self.server_facts = None
+        self.connected_wall = 0.0
+        self.connected_at = 0.0
+        self.last_server_at = 0.0
+        self.last_client_at = 0.0
+        self.held: list[bytes] = []  # client bytes waiting for the upstream
+        self.held_bytes = 0
+        self.paused = False
+        self.inflight: list[bytes] | None = []  # client bytes since the last idle point
+        self.inflight_bytes = 0
+        self.inflight_commit = False
+        self.messages_at_request = 0
+        self.last_fatal: be.ErrorResponse | None = None
+        self.last_notice: be.NoticeResponse | None = None
+        self.client_terminated = False
+        self.want_facts = True
+        self.login_waiting = False
+
+    # ------------------------------------------------------------------ dispatch
+    def handle(self, event: object) -> list[object]:
+        try:
+            if isinstance(event, ev.ServerData):
+                return self._server_data(event)
+            if isinstance(event, ev.ClientData):
+                return self._client_data(event)
+            return self._other(event)
+        except ClientProtocolError as exc:
+            return self._fatal_to_client(exc.sqlstate, str(exc), log=f"client protocol error: {exc}")
+        except ProtocolError as exc:
+            return self._upstream_broken(event, str(exc))
+
+    def _other(self, event: object) -> list[object]:
+        if isinstance(event, ev.ClientConnected):
+            self.peer, self.trusted_transport = event.peer, event.trusted_transport
+            self.last_client_at = event.now
+            return [cmd.SetTimer("startup", self.policy.startup_timeout_s)]
+        if isinstance(event, ev.ClientTLSStarted):
+            self.client_tls = True
+            return []
+        if isinstance(event, ev.ServerConnected):
+            return self._server_connected(event)
+        if isinstance(event, ev.ServerConnectFailed):
+            return self._connect_failed(event, f"{event.kind}: {event.message}")
+        if isinstance(event, ev.ServerClosed):
+            return self._server_closed(event)
+        if isinstance(event, ev.ClientClosed):
+            return self._client_closed(event)
+        if isinstance(event, ev.Timer):
+            return self._timer(event)
+        raise TypeError(f"unexpected event {event!r}")
+
+    def _goto(self, phase: Phase) -> None:
+        check_transition(self.phase, phase)
+        self.phase = phase
+
+    # ------------------------------------------------------------------ startup
+    def _client_data(self, event: ev.ClientData) -> list[object]:
+        self.last_client_at = event.now
+        if self.phase is Phase.RELAYING:
+            if self.local_abort is not None:
+                return self._answer_locally(event.data)
+            if self.pending.front is Owner.INTERNAL:
+                return self._hold(event.data)
+            return self._relay_client(event.data)
+        if self.phase is Phase.STARTUP:
+            return self._startup_data(event.data)
+        if self.phase is Phase.AUTHENTICATING:
+            return self._password_data(event.data)
+        if self.phase in (Phase.RECONNECTING, Phase.REPLAYING):
+            if self.local_abort is not None:
+                return self._answer_locally(event.data)
+            return self._hold(event.data)
+        if self.phase is Phase.DRAINING:
+            return self._relay_client(event.data)
+        return []
+
+    def _startup_data(self, data: bytes) -> list[object]:
+        self.startup.feed(data)
+        out: list[object] = []
+        while self.phase is Phase.STARTUP:
+            payload = self.startup.next_packet()
+            if payload is None:
+                break
+            msg = fe.decode_startup_packet(payload)
+            if isinstance(msg, fe.SSLRequest):
+                if self.client_tls or self.startup.rest():
+                    raise ClientProtocolError("SSLRequest after TLS, or with data pipelined after it")
+                out.append(cmd.StartClientTLS() if self.policy.client_tls else cmd.SendToClient(b"N"))
+            elif isinstance(msg, fe.GSSENCRequest):
+                out.append(cmd.SendToClient(b"N"))
+            elif isinstance(msg, fe.CancelRequest):
+                self._goto(Phase.CLOSED)
+                out += [cmd.ForwardCancel(msg.pid, msg.secret), cmd.CloseClient()]
+            else:
+                out += self._startup_message(msg)
+        return out
+
+    def _startup_message(self, msg: fe.StartupMessage) -> list[object]:
+        if msg.protocol >> 16 != 3:
+            raise ClientProtocolError(
+                f"unsupported frontend protocol {msg.protocol >> 16}.{msg.protocol & 0xFFFF}: "
+                "server supports 3.0 to 3.0"
+            )
+        out: list[object] = []
+        unknown = tuple(k for k in msg.params if k.startswith("_pq_."))
+        if msg.protocol != _PROTOCOL_3_0 or unknown:
+            out.append(cmd.SendToClient(be.NegotiateProtocolVersion(0, unknown).encode()))
+        params = {k: v for k, v in msg.params.items() if not k.startswith("_pq_.")}
+        if not params.get("user"):
+            return out + self._fatal_to_client(
+                sqlstate.INVALID_AUTHORIZATION_SPECIFICATION, "no PostgreSQL user name specified in startup packet"
+            )
+        if self.policy.upstream_user is None and not (self.trusted_transport or self.client_tls):
+            return out + self._fatal_to_client(
+                sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
+                "pgsidecar accepts passwords only over loopback, a unix socket or TLS; connect with sslmode=require",
+                log=f"refused {self.peer}: password would cross the network in cleartext",
+            )
+        params.setdefault("database", params["user"])
+        if self.policy.upstream_user is not None:
+            params["user"] = self.policy.upstream_user
+        if self.policy.upstream_dbname:
+            params["database"] = self.policy.upstream_dbname
+        if self.policy.application_name and "application_name" not in params:
+            params["application_name"] = self.policy.application_name
+        self.params = params
+        self._goto(Phase.AUTHENTICATING)
+        return out + [cmd.CancelTimer("startup"), cmd.OpenServer()]
+
+    def _password_data(self, data: bytes) -> list[object]:
+        """The client answers the AuthenticationCleartextPassword we sent on the server's behalf."""
+        frames = self.client_scan.feed(data)
+        if self.login is None or not self.login_waiting:
+            raise ClientProtocolError("unexpected message before authentication completed")
+        for t, payload in self._whole(frames, b"p"):
+            password = payload.rstrip(b"\x00").decode("utf-8", "replace")
+            self.password = password
+            self.login_waiting = False
+            return [cmd.SendToServer(self.login.provide_password(password))]
+        return []
+
+    def _whole(self, frames: list, kind: bytes) -> list:
+        if not frames:
+            raise ClientProtocolError(f"expected a password message ({kind!r})")
+        return frames
+
+    # ------------------------------------------------------------------ login (first and again)
+    def _server_connected(self, event: ev.ServerConnected) -> list[object]:
+        self.facts = dict(event.facts)
+        self.connected_wall, self.connected_at = event.wall, event.now
+        self.last_server_at = event.now
+        self.login = UpstreamLogin(self.params, self.password, channel_binding=event.channel_binding)
+        self.login_waiting = False
+        self.drops.connected(event)
+        return [cmd.SendToServer(self.login.start())]
+
+    def _login_data(self, data: bytes, now: float) -> list[object]:
+        assert self.login is not None
+        step = self.login.feed(data)
+        out: list[object] = [cmd.SendToServer(step.send)] if step.send else []
+        if step.needs_password:
+            if self.phase is not Phase.AUTHENTICATING:
+                return self._give_up("the server asked for a password that the client never gave")
+            self.login_waiting = True
+            self.client_scan = FrameScanner(b"p", 100_000, client=True)
+            out.append(cmd.SendToClient(be.AuthenticationCleartextPassword().encode()))
+        elif step.error is not None:
+            out += self._login_error(step.error, step.error_bytes, now)
+        elif step.done is not None:
+            out += self._logged_in(step.done, now)
+        return out
+
+    def _login_error(self, error: be.ErrorResponse, raw: bytes, now: float) -> list[object]:
+        if self.phase is Phase.AUTHENTICATING:
+            # Issue: the server's own startup and auth errors reach the client unchanged.
+            self._goto(Phase.CLOSED)
+            return [cmd.SendToClient(raw), cmd.CloseServer(), cmd.CloseClient(),
+                    cmd.Log("info", f"upstream refused login for {self.params.get('user')}: {error.code} {error.message}")]
+        self.drops.reconnect_error(f"{error.code} {error.message}", error.code)
+        if error.code in _GIVE_UP_STATES:
+            self._goto(Phase.CLOSED)
+            return [cmd.CloseServer()] + self._finish_drop(impact=f"fatal {error.code}", succeeded=False) + [
+                cmd.SendToClient(raw), cmd.CloseClient()]
+        return [cmd.CloseServer()] + self._schedule_retry(now)
+
+    def _logged_in(self, result, now: float) -> list[object]:
+        self.backend_key = (result.backend_pid, result.backend_secret)
+        if self.phase is Phase.AUTHENTICATING:
+            self.first_backend_pid = result.backend_pid
+            self.client_params = dict(result.params)
+            self._goto(Phase.RELAYING)
+            self.server_scan = FrameScanner(_SERVER_WANTED, self.policy.max_message_bytes, client=False)
+            self.client_scan = FrameScanner(_CLIENT_WANTED, self.policy.max_message_bytes, client=True)
+            hello = bytearray(be.AuthenticationOk().encode())
+            for name, value in result.params.items():
+                hello += be.ParameterStatus(name, value).encode()
+            hello += be.BackendKeyData(result.backend_pid, self.secret).encode()
+            for notice in result.notices:
+                hello += notice
+            hello += ready_bytes(b"I")
+            return [cmd.SendToClient(bytes(hello))] + (self._server_data_relaying(result.leftover, now) if result.leftover else [])
+        return self._start_replay(result, now)
+
+    def _start_replay(self, result, now: float) -> list[object]:
+        self._goto(Phase.REPLAYING)
+        self.server_scan = FrameScanner(_SERVER_WANTED, self.policy.max_message_bytes, client=False)
+        plan = plan_replay(self.book.state, self.book.parses)
+        if isinstance(plan, str):
+            return self._give_up(plan)
+        self.internal.begin(new_params=dict(result.params))
+        self.internal.expect(plan.purposes)
+        self.internal.expect(("facts",))
+        self.pending.expect(Owner.INTERNAL, len(plan.purposes) + 1)
+        self.drops.replayed(plan.summary)
+        return [cmd.SendToServer(plan.data + fe.Query(FACTS_SQL.decode()).encode())]
+
+    # ------------------------------------------------------------------ relaying: client -> server
+    def _relay_client(self, data: bytes) -> list[object]:
+        if not self.pending:
+            self.inflight = []
+            self.inflight_bytes = 0
+            self.inflight_commit = False
+            self.messages_at_request = self.server_scan.messages
+        frames = self.client_scan.feed(data)
+        for t, payload in frames:
+            if t == _SYNC or t == _FCALL:
+                self.pending.expect(Owner.CLIENT)
+            elif t == _Q:
+                self.pending.expect(Owner.CLIENT)
+                self._note_sql(payload)
+            elif t == _P:
+                self._note_parse(t, payload)
+            elif t == _CLOSE:
+                if payload[:1] == b"S" and payload[1:2] != b"\x00":
+                    self.book.dirty = True
+            elif t == _TERMINATE:
+                self.client_terminated = True
+        if self.inflight is not None:
+            self.inflight.append(data)
+            self.inflight_bytes += len(data)
+            if self.inflight_bytes > self.policy.max_inflight_copy_bytes:
+                self.inflight = None
+        return [cmd.SendToServer(data)]
+
+    def _note_sql(self, payload: bytes) -> None:
+        if may_commit(payload):
+            self.inflight_commit = True
+        self.book.note_sql(payload)
+
+    def _note_parse(self, t: int, payload: bytes) -> None:
+        name_end = payload.index(b"\x00")
+        query = payload[name_end + 1 :]
+        if may_commit(query):
+            self.inflight_commit = True
+        self.book.note_sql(query)
+        if name_end:
+            self.book.parses[payload[:name_end].decode("utf-8", "replace")] = (
+                bytes([t]) + (len(payload) + 4).to_bytes(4, "big") + payload
+            )
+            self.book.dirty = True
+
+    def _hold(self, data: bytes) -> list[object]:
+        self.held.append(data)
+        self.held_bytes += len(data)
+        if self.held_bytes > self.policy.max_buffered_bytes and not self.paused:
+            self.paused = True
+            return [cmd.PauseClient()]
+        return []
+
+    def _release_held(self) -> list[object]:
+        held, self.held, self.held_bytes = self.held, [], 0
+        out: list[object] = []
+        if self.paused:
+            self.paused = False
+            out.append(cmd.ResumeClient())
+        for chunk in held:
+            if self.pending.front is Owner.INTERNAL or self.phase is not Phase.RELAYING:
+                out += self._hold(chunk)
+            elif self.local_abort is not None:
+                out += self._answer_locally(chunk)
+            else:
+                out += self._relay_client(chunk)
+        return out
+
+    # ------------------------------------------------------------------ relaying: server -> client
+    def _server_data(self, event: ev.ServerData) -> list[object]:
+        self.last_server_at = event.now
+        if self.pending.front is Owner.INTERNAL:
+            return self._internal_data(event.data, event.now)
+        if self.phase is Phase.RELAYING or self.phase is Phase.DRAINING:
+            return self._server_data_relaying(event.data, event.now)
+        if self.login is not None and self.phase in (Phase.AUTHENTICATING, Phase.RECONNECTING):
+            return self._login_data(event.data, event.now)
+        raise ProtocolError(f"unexpected data from the server in phase {self.phase.value}")
+
+    def _server_data_relaying(self, data: bytes, now: float) -> list[object]:
+        idle_point = False
+        for t, payload in self.server_scan.feed(data):
+            if t == _Z:
+                self.pending.ready(payload[0])
+                idle_point = not self.pending
+            elif t == _CC:
+                if tag_is_dirty(payload):
+                    self.book.dirty = True
+            elif t == _E or t == _N:
+                self._note_server_error(t, payload)
+            elif t == _PS:
+                msg = be.ParameterStatus.decode(payload)
+                self.client_params[msg.name] = msg.value
+        out: list[object] = [cmd.SendToClient(data)]
+        if idle_point and self.pending.status is TxStatus.IDLE and self.server_scan.at_boundary:
+            out += self._at_idle_point()
+        return out
+
+    def _note_server_error(self, t: int, payload: bytes) -> None:
+        if t == _E:
+            err = be.ErrorResponse.decode(payload)
+            if err.severity in ("FATAL", "PANIC"):
+                self.last_fatal = err
+        else:
+            notice = be.NoticeResponse.decode(payload)
+            if notice.code and notice.code.startswith("57P"):
+                self.last_notice = notice
+
+    def _at_idle_point(self) -> list[object]:
+        """Nothing owed, no transaction: read the exact session state if it may have changed."""
+        self.inflight = []
+        self.inflight_bytes = 0
+        if not (self.book.dirty or self.want_facts) or self.client_terminated:
+            return []
+        purposes: list[str] = []
+        query = b""
+        if self.book.dirty:
+            query += fe.Query(snapshot_sql(self.book.custom_names).decode()).encode()
+            purposes.append("snapshot")
+            self.book.dirty = False
+        if self.want_facts:
+            query += fe.Query(FACTS_SQL.decode()).encode()
+            purposes.append("first_facts")
+            self.want_facts = False
+        self.internal.begin(new_params=None)
+        self.internal.expect(tuple(purposes))
+        self.pending.expect(Owner.INTERNAL, len(purposes))
+        return [cmd.SendToServer(query)]
+
+    # ------------------------------------------------------------------ internal replies
+    def _internal_data(self, data: bytes, now: float) -> list[object]:
+        out: list[object] = []
+        for outcome in self.internal.feed(data):
+            self.pending.ready(outcome.status)
+            out += self._internal_outcome(outcome, now)
+            if self.phase is Phase.CLOSED:
+                return out
+        if self.internal.forward:
+            out.insert(0, cmd.SendToClient(self.internal.take_forward()))
+        if self.pending.front is not Owner.INTERNAL:
+            rest = self.internal.take_rest()
+            if self.phase is Phase.REPLAYING:
+                out += self._replay_done(now)
+            if rest:
+                out += self._server_data_relaying(rest, now)
+            if self.phase is Phase.RELAYING and self.pending.front is not Owner.INTERNAL:
+                out += self._release_held()
+        return out
+
+    def _internal_outcome(self, outcome, now: float) -> list[object]:
+        purpose = outcome.purpose
+        if purpose == "snapshot":
+            self.book.state = self.internal.snapshot_state(outcome, self.params.get("user", ""))
+            return []
+        if purpose in ("facts", "first_facts"):
+            facts = self.internal.facts(outcome)
+            if purpose == "first_facts":
+                self.server_facts = facts
+            else:
+                self.drops.new_facts(self.server_facts, facts)
+                self.server_facts = facts
+            return []
+        if outcome.error is not None:
+            return self._give_up(f"replaying the session failed: {outcome.error.code} {outcome.error.message}")
+        return []
+
+    def _replay_done(self, now: float) -> list[object]:
+        self._goto(Phase.RELAYING)
+        out: list[object] = []
+        changed = bytearray()
+        for name, value in self.internal.new_params.items():
+            if self.client_params.get(name) != value:
+                changed += be.ParameterStatus(name, value).encode()
+                self.client_params[name] = value
+        if changed:
+            out.append(cmd.SendToClient(bytes(changed)))
+        if self.book.state.listen:
+            out.append(cmd.SendToClient(be.NoticeResponse.make(
+                "NOTICE", "01000",
+                "pgsidecar reconnected to the server; notifications sent while it was disconnected may have been missed",
+            ).encode()))
+        out += self._finish_drop(impact=self.drops.impact or "transparent", succeeded=True)
+        resend = self.drops.resend
+        self.drops.resend = None
+        if resend:
+            self.pending.expect(Owner.CLIENT, resend[1])
+            self.inflight, self.inflight_bytes = [resend[0]], len(resend[0])
+            self.client_scan = FrameScanner(_CLIENT_WANTED, self.policy.max_message_bytes, client=True)
+            out.append(cmd.SendToServer(resend[0]))
+        return out
+
+    # ------------------------------------------------------------------ drops
+    def _server_closed(self, event: ev.ServerClosed) -> list[object]:
+        if self.phase is Phase.CLOSED:
+            return []
+        if self.client_terminated:
+            self._goto(Phase.CLOSED)
+            return [cmd.CloseClient()]
+        if self.phase in (Phase.RECONNECTING, Phase.AUTHENTICATING, Phase.REPLAYING):
+            return self._connect_failed(event, self._closed_text(event))
+        if self.phase is Phase.STARTUP:
+            return []
+        return self._upstream_lost(event)
+
+    def _closed_text(self, event) -> str:
+        return f"{event.kind}" + (f" ({event.errno_name})" if getattr(event, "errno_name", None) else "")
+
+    def _upstream_broken(self, event: object, text: str) -> list[object]:
+        now = getattr(event, "now", self.last_server_at)
+        closed = ev.ServerClosed(now=now, wall=getattr(event, "wall", 0.0), kind="other", detail=text)
+        out: list[object] = [cmd.Log("warning", f"server protocol error: {text}"), cmd.CloseServer()]
+        if self.phase in (Phase.RELAYING, Phase.REPLAYING):
+            return out + self._upstream_lost(closed)
+        return out + self._give_up(f"server protocol error: {text}")
+
+    def _upstream_lost(self, event: ev.ServerClosed) -> list[object]:
+        """The upstream ended without the client asking: hide it, or say so honestly."""
+        decision = decide_drop(self, event)
+        self.drops.lost(self, event, decision)
+        out: list[object] = [cmd.CloseServer()]
+        if decision.fatal is not None:
+            self._goto(Phase.CLOSED)
+            return out + self._finish_drop(impact=f"fatal {sqlstate.CONNECTION_FAILURE} client closed", succeeded=None) + [
+                cmd.SendToClient(decision.fatal), cmd.CloseClient()]
+        if decision.to_client:
+            out.append(cmd.SendToClient(decision.to_client))
+        self.local_abort = decision.local_abort
+        self.pending.clear()
+        self.pending.status = TxStatus.IDLE
+        self.internal.reset()
+        self._goto(Phase.RECONNECTING)
+        self.login = None
+        return out + [cmd.SetTimer("deadline", self.policy.reconnect_deadline_s), cmd.OpenServer()]
+
+    def _connect_failed(self, event, text: str) -> list[object]:
+        self.login = None
+        if self.phase is Phase.REPLAYING:
+            self.pending.clear()
+            self.internal.reset()
+            self._goto(Phase.RECONNECTING)
+        if self.phase is Phase.AUTHENTICATING and not self.drops.active:
+            self.drops.first_connect_error(text, event.now)
+        else:
+            self.drops.reconnect_error(text, None)
+        return [cmd.CloseServer()] + self._schedule_retry(event.now)
+
+    def _schedule_retry(self, now: float) -> list[object]:
+        started = self.drops.started_at(now)
+        if now - started >= self.policy.reconnect_deadline_s:
+            return self._give_up(f"could not reconnect within {self.policy.reconnect_deadline_s:g} s: {self.drops.last_error}")
+        attempt = self.drops.attempts
+        cap = min(self.policy.backoff_max_s, self.policy.backoff_initial_s * (2 ** max(0, attempt - 1)))
+        delay = self.rng.uniform(0, cap)  # full jitter: many sessions do not stampede
+        return [cmd.SetTimer("backoff", delay)]
+
+    def _timer(self, event: ev.Timer) -> list[object]:
+        if event.name == "startup" and self.phase is Phase.STARTUP:
+            self._goto(Phase.CLOSED)
+            return [cmd.Log("info", f"client {self.peer} did not finish startup in time"), cmd.CloseClient()]
+        if event.name == "backoff" and self.phase in (Phase.RECONNECTING, Phase.AUTHENTICATING):
+            self.drops.attempt()
+            return [cmd.OpenServer()]
+        if event.name == "deadline" and self.phase in (Phase.RECONNECTING, Phase.REPLAYING):
+            return self._give_up(f"could not reconnect within {self.policy.reconnect_deadline_s:g} s: {self.drops.last_error}")
+        return []
+
+    def _give_up(self, reason: str) -> list[object]:
+        was = self.phase
+        self._goto(Phase.CLOSED)
+        out: list[object] = [cmd.CloseServer()]
+        if self.drops.active:
+            out += self._finish_drop(impact=f"fatal {sqlstate.CONNECTION_FAILURE} client closed", succeeded=False)
+        code = sqlstate.CONNECTION_FAILURE if was is not Phase.AUTHENTICATING else sqlstate.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION
+        return out + [cmd.SendToClient(error_bytes("FATAL", code, f"pgsidecar: {reason}")), cmd.CloseClient(),
+                      cmd.Log("warning", f"session {self.peer} closed: {reason}")]
+
+    def _finish_drop(self, *, impact: str, succeeded: bool | None) -> list[object]:
+        record = self.drops.finish(self, impact=impact, succeeded=succeeded)
+        return [cmd.RecordDrop(record), cmd.CancelTimer("deadline")] if record is not None else []
+
+    def _client_closed(self, event: ev.ClientClosed) -> list[object]:
+        if self.phase is Phase.CLOSED:
+            return []
+        out: list[object] = []
+        if self.drops.active:
+            out += self._finish_drop(impact="client left during reconnect", succeeded=False)
+        self.phase = Phase.CLOSED
+        return out + [cmd.CloseServer()]
+
+    def _answer_locally(self, data: bytes) -> list[object]:
+        assert self.local_abort is not None
+        reply, rest, done = self.local_abort.feed(data)
+        out: list[object] = [cmd.SendToClient(reply)] if reply else []
+        if done:
+            self.local_abort = None
+            if rest:
+                out += self._client_data(ev.ClientData(now=self.last_client_at, data=rest))
+        return out
+
+    def _fatal_to_client(self, code: str, message: str, *, log: str | None = None) -> list[object]:
+        self.phase = Phase.CLOSED
+        out: list[object] = [cmd.SendToClient(error_bytes("FATAL", code, message)), cmd.CloseClient(), cmd.CloseServer()]
+        if log:
+            out.append(cmd.Log("info", f"{self.peer}: {log}"))
+        return out
+
+    # ------------------------------------------------------------------ draining
+    def drain(self) -> list[object]:
+        """Shutdown: idle sessions get 57P01 now; others when their transaction ends."""
+        if self.phase in (Phase.CLOSED, Phase.STARTUP):
+            self.phase = Phase.CLOSED
+            return [cmd.CloseClient(), cmd.CloseServer()]
+        if self.pending.idle and self.phase is Phase.RELAYING:
+            self.phase = Phase.CLOSED
+            return [cmd.SendToClient(error_bytes("FATAL", sqlstate.ADMIN_SHUTDOWN,
+                                                 "terminating connection due to administrator command")),
+                    cmd.CloseClient(), cmd.CloseServer()]
+        return []

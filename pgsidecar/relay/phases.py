@@ -1,0 +1,35 @@
+"""The phases of one client session and the transitions allowed between them (h11 `_state.py`)."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Phase(enum.Enum):
+    STARTUP = "startup"  # reading SSLRequest / GSSENCRequest / StartupMessage / CancelRequest
+    AUTHENTICATING = "authenticating"  # first upstream login; the client waits for AuthenticationOk
+    RELAYING = "relaying"  # bytes flow both ways; the brain keeps its books
+    RECONNECTING = "reconnecting"  # upstream lost between transactions: new connection + login
+    REPLAYING = "replaying"  # new connection is up; session state being rebuilt
+    DRAINING = "draining"  # shutting down: finish the current transaction, then close
+    CLOSED = "closed"
+
+
+TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.STARTUP: frozenset({Phase.AUTHENTICATING, Phase.CLOSED}),
+    Phase.AUTHENTICATING: frozenset({Phase.RELAYING, Phase.CLOSED}),
+    Phase.RELAYING: frozenset({Phase.RECONNECTING, Phase.DRAINING, Phase.CLOSED}),
+    Phase.RECONNECTING: frozenset({Phase.REPLAYING, Phase.DRAINING, Phase.CLOSED}),
+    Phase.REPLAYING: frozenset({Phase.RELAYING, Phase.RECONNECTING, Phase.DRAINING, Phase.CLOSED}),
+    Phase.DRAINING: frozenset({Phase.CLOSED}),
+    Phase.CLOSED: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """An internal bug: the brain tried a transition its table does not allow."""
+
+
+def check_transition(old: Phase, new: Phase) -> None:
+    if new is not old and new not in TRANSITIONS[old]:
+        raise IllegalTransition(f"{old.value} -> {new.value}")

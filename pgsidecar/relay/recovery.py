@@ -1,0 +1,301 @@
+"""What the client is told when the upstream is lost, and the book kept about each drop.
+
+``decide_drop`` applies DESIGN's session-rules table to the session's books at the moment of
+the drop. ``LocalAbortResponder`` plays the server for a client that still believes it is inside
+the transaction that was lost, until it ends it. ``DropTracker`` collects the facts of one drop
+for its record; classification itself lives in ``pgsidecar.drops``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pgsidecar.session.pending import TxStatus
+from pgsidecar.session.state import is_transaction_end
+from pgsidecar.wire import backend as be
+from pgsidecar.wire import sqlstate
+
+LOST_IN_TRANSACTION = "connection to the server was lost; the transaction was rolled back"
+LOST_IN_FLIGHT = (
+    "connection to the server was lost while the request was in flight; "
+    "whether it was executed is unknown"
+)
+IN_FAILED_TRANSACTION = "current transaction is aborted, commands ignored until end of transaction block"
+
+
+def error_bytes(severity: str, code: str, message: str, *, hint: str | None = None) -> bytes:
+    return be.ErrorResponse.make(severity, code, message, hint=hint).encode()
+
+
+def ready_bytes(status: bytes) -> bytes:
+    return be.ReadyForQuery(status).encode()
+
+
+@dataclass(slots=True)
+class DropDecision:
+    state: str  # idle | in_transaction | request_in_flight
+    to_client: bytes = b""
+    fatal: bytes | None = None
+    local_abort: LocalAbortResponder | None = None
+    resend: tuple[bytes, int] | None = None  # (client bytes, sync points) proven never run
+    impact: str = "transparent"
+
+
+def drop_state(owed: int, status: TxStatus) -> str:
+    if status is not TxStatus.IDLE:
+        return "in_transaction"
+    return "request_in_flight" if owed else "idle"
+
+
+def decide_drop(conn, event) -> DropDecision:
+    """DESIGN "Session rules": the client sees nothing, an honest error, or a FATAL."""
+    owed = conn.pending.client_owed
+    status = conn.pending.status
+    decision = DropDecision(state=drop_state(owed, status))
+    lost = conn.book.state.non_replayable()
+    if conn.internal.active_purpose == "snapshot":
+        lost.append("session state changed just before the drop and could not be read")
+    if lost:
+        decision.fatal = error_bytes(
+            "FATAL", sqlstate.CONNECTION_FAILURE,
+            "connection to the server was lost and the session held " + ", ".join(lost)
+            + ", which cannot be restored on a new connection",
+        )
+        return decision
+    if decision.state == "idle":
+        return decision
+    if conn.policy.on_transaction_loss == "close":
+        code = sqlstate.TRANSACTION_RESOLUTION_UNKNOWN if decision.state == "request_in_flight" else sqlstate.CONNECTION_FAILURE
+        decision.fatal = error_bytes("FATAL", code, LOST_IN_FLIGHT if code != sqlstate.CONNECTION_FAILURE else LOST_IN_TRANSACTION)
+        return decision
+    if decision.state == "request_in_flight":
+        if _proven_unexecuted(conn):
+            decision.resend = (b"".join(conn.inflight), owed)
+            decision.impact = "transparent (request resent: the server ended the session before reading it)"
+            return decision
+        decision.to_client = _per_sync(owed, sqlstate.TRANSACTION_RESOLUTION_UNKNOWN, LOST_IN_FLIGHT, b"I")
+        decision.impact = f"error {sqlstate.TRANSACTION_RESOLUTION_UNKNOWN} sent to client"
+        return decision
+    if owed and conn.inflight_commit:
+        decision.to_client = _per_sync(owed, sqlstate.TRANSACTION_RESOLUTION_UNKNOWN, LOST_IN_FLIGHT, b"I")
+        decision.impact = f"error {sqlstate.TRANSACTION_RESOLUTION_UNKNOWN} sent to client (COMMIT in flight)"
+        return decision
+    if owed:
+        decision.to_client = _per_sync(owed, sqlstate.CONNECTION_FAILURE, LOST_IN_TRANSACTION, b"E")
+        decision.local_abort = LocalAbortResponder(owe_error=False)
+    else:
+        decision.local_abort = LocalAbortResponder(owe_error=True)
+    decision.impact = f"error {sqlstate.CONNECTION_FAILURE} sent to client (transaction rolled back)"
+    return decision
+
+
+def _proven_unexecuted(conn) -> bool:
+    """57P05 read before any reply to the request: the server never read it (postgres.c)."""
+    fatal = conn.last_fatal
+    if fatal is None or fatal.code != sqlstate.IDLE_SESSION_TIMEOUT or conn.inflight is None:
+        return False
+    return conn.server_scan.messages - conn.messages_at_request <= 1
+
+
+def _per_sync(owed: int, code: str, message: str, status: bytes) -> bytes:
+    """One error and one ReadyForQuery per sync point the client still waits for."""
+    out = bytearray()
+    for i in range(owed):
+        if i == 0 or status == b"I":
+            out += error_bytes("ERROR", code, message)
+        else:
+            out += error_bytes("ERROR", sqlstate.IN_FAILED_SQL_TRANSACTION, IN_FAILED_TRANSACTION)
+        out += ready_bytes(status)
+    return bytes(out)
+
+
+class LocalAbortResponder:
+    """Answers a client that is still inside a transaction the drop rolled back.
+
+    Until the client ends the block, every request gets an error and ``Z`` = ``E``, as the server
+    would answer in a failed transaction (PostgreSQL docs 55.2.2); its ROLLBACK (or COMMIT, which
+    the server answers with ROLLBACK in a failed block) is answered here with ``Z`` = ``I``.
+    """
+
+    def __init__(self, *, owe_error: bool) -> None:
+        self.owe_error = owe_error
+        self._buf = bytearray()
+        self._batch_end = False
+        self._batch_failed = False
+        self._batch_reply = bytearray()
+
+    def _error(self) -> bytes:
+        if self.owe_error:
+            self.owe_error = False
+            return error_bytes("ERROR", sqlstate.CONNECTION_FAILURE, LOST_IN_TRANSACTION)
+        return error_bytes("ERROR", sqlstate.IN_FAILED_SQL_TRANSACTION, IN_FAILED_TRANSACTION)
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes, bool]:
+        """Returns (reply to the client, bytes after the block ended, whether it ended)."""
+        self._buf += data
+        reply = bytearray()
+        while len(self._buf) >= 5:
+            t = self._buf[0]
+            ln = int.from_bytes(self._buf[1:5], "big")
+            if len(self._buf) < ln + 1:
+                break
+            payload = bytes(self._buf[5 : ln + 1])
+            del self._buf[: ln + 1]
+            ended = self._message(t, payload, reply)
+            if ended:
+                rest = bytes(self._buf)
+                self._buf.clear()
+                return bytes(reply), rest, True
+        return bytes(reply), b"", False
+
+    def _message(self, t: int, payload: bytes, reply: bytearray) -> bool:
+        kind = bytes([t])
+        if kind == b"X":
+            self._buf[:0] = b"X\x00\x00\x00\x04"
+            return True
+        if kind == b"Q":
+            if is_transaction_end(payload):
+                reply += be.CommandComplete("ROLLBACK").encode() + ready_bytes(b"I")
+                return True
+            reply += self._error() + ready_bytes(b"E")
+            return False
+        if kind == b"P":
+            query = payload[payload.index(b"\x00") + 1 :]
+            self._batch_end = self._batch_end or is_transaction_end(query.split(b"\x00", 1)[0])
+            self._batch_reply += be.ParseComplete().encode()
+        elif kind == b"B":
+            self._batch_reply += be.BindComplete().encode()
+        elif kind == b"D":
+            self._batch_reply += be.NoData().encode()
+        elif kind == b"E":
+            self._batch_reply += be.CommandComplete("ROLLBACK").encode()
+        elif kind == b"S":
+            return self._sync(reply)
+        return False
+
+    def _sync(self, reply: bytearray) -> bool:
+        if self._batch_end:
+            reply += self._batch_reply + ready_bytes(b"I")
+            self._batch_reply.clear()
+            return True
+        self._batch_reply.clear()
+        reply += self._error() + ready_bytes(b"E")
+        return False
+
+
+@dataclass(slots=True)
+class DropTracker:
+    """The facts of the drop in progress (or of the first connect's retries)."""
+
+    active: bool = False
+    started: float | None = None
+    wall: float = 0.0
+    attempts: int = 0
+    errors: list[str] = field(default_factory=list)
+    last_error: str = ""
+    impact: str = "transparent"
+    resend: tuple[bytes, int] | None = None
+    info: dict = field(default_factory=dict)
+    replay_summary: str = ""
+    previous_facts: dict = field(default_factory=dict)
+    reveal: dict = field(default_factory=dict)
+
+    def connected(self, event) -> None:
+        if self.active:
+            new = dict(event.facts)
+            old = self.previous_facts
+            if old.get("address") and new.get("address") and old["address"] != new["address"]:
+                self.reveal["address_changed"] = True
+            if old.get("cert_fingerprint") and event.cert_fingerprint and old["cert_fingerprint"] != event.cert_fingerprint:
+                self.reveal["certificate_changed"] = True
+
+    def started_at(self, now: float) -> float:
+        if self.started is None:
+            self.started = now
+        return self.started
+
+    def first_connect_error(self, text: str, now: float) -> None:
+        self.started_at(now)
+        self.attempts += 1
+        self.last_error = text
+
+    def reconnect_error(self, text: str, code: str | None) -> None:
+        self.errors.append(text)
+        self.last_error = text
+        if code == sqlstate.CANNOT_CONNECT_NOW and "recovery" in text:
+            self.reveal["in_recovery_seen"] = True
+
+    def attempt(self) -> None:
+        self.attempts += 1
+
+    def lost(self, conn, event, decision: DropDecision) -> None:
+        """Open the book on a drop: timing, state and what the socket said."""
+        self.active = True
+        self.started = event.now
+        self.wall = event.wall
+        self.attempts = 1
+        self.errors = []
+        self.last_error = ""
+        self.impact = decision.impact
+        self.resend = decision.resend
+        self.reveal = {}
+        self.previous_facts = dict(conn.facts)
+        fatal = conn.last_fatal or conn.last_notice
+        self.info = {
+            "state": decision.state,
+            "connected_at": conn.connected_wall,
+            "age_s": round(event.now - conn.connected_at, 3),
+            "idle_s": round(event.now - conn.last_server_at, 3),
+            "client_idle_s": round(event.now - conn.last_client_at, 3),
+            "upstream": dict(conn.facts, backend_pid=conn.backend_key[0],
+                             server_version=conn.client_params.get("server_version")),
+            "client": {"addr": conn.peer, "application_name": conn.params.get("application_name"),
+                       "user": conn.params.get("user"), "database": conn.params.get("database")},
+            "observed": {
+                "kind": "fatal" if conn.last_fatal is not None else event.kind,
+                "socket": event.kind,
+                "sqlstate": fatal.code if fatal else None,
+                "severity": fatal.severity if fatal else None,
+                "message": fatal.message if fatal else None,
+                "tls_close_notify": event.tls_close_notify,
+                "errno_name": event.errno_name,
+                "detail": event.detail,
+                "tcp_info": event.tcp_info,
+            },
+            "server_facts_before": conn.server_facts,
+        }
+        conn.last_fatal = None
+        conn.last_notice = None
+
+    def new_facts(self, before, after) -> None:
+        if before is not None and after is not None and before.postmaster_start and after.postmaster_start:
+            self.reveal["postmaster_start_changed"] = abs(before.postmaster_start - after.postmaster_start) > 0.001
+        if after is not None:
+            if after.in_recovery:
+                self.reveal["in_recovery_seen"] = True
+            if before is not None and after.read_only and not before.read_only:
+                self.reveal["read_only_now"] = True
+
+    def replayed(self, summary: str) -> None:
+        self.replay_summary = summary
+
+    def finish(self, conn, *, impact: str, succeeded: bool | None, now: float | None = None) -> dict | None:
+        """Close the book; the record facts go to the runtime, which classifies and writes them."""
+        if not self.active:
+            return None
+        self.active = False
+        end = now if now is not None else conn.last_server_at
+        info = dict(self.info)
+        info["impact"] = impact if succeeded is not False or impact != "transparent" else "fatal"
+        info["time"] = self.wall
+        info["reconnect"] = {
+            "attempts": self.attempts,
+            "duration_s": round(max(0.0, end - (self.started or end)), 3),
+            "succeeded": bool(succeeded),
+            "errors": list(self.errors),
+            "replayed": self.replay_summary,
+            **self.reveal,
+        }
+        self.started = None
+        self.attempts = 0
+        return info

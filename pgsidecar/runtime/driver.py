@@ -1,0 +1,306 @@
+"""Per-client driver: reads both sockets, feeds SidecarConnection, carries out its commands.
+
+asyncio Protocol callbacks, not streams: one read is one event and, on the hot path, one write.
+Backpressure: a side whose write buffer passes the high-water mark pauses reading on the other.
+Nothing here decides anything about the session; the brain does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import secrets
+import ssl
+import time
+from typing import TYPE_CHECKING
+
+from pgsidecar.relay import commands as cmd
+from pgsidecar.relay import events as ev
+from pgsidecar.relay.connection import SidecarConnection
+from pgsidecar.runtime.upstream import UpstreamError, open_upstream, tcp_info
+
+if TYPE_CHECKING:
+    from pgsidecar.runtime.listener import Sidecar
+
+log = logging.getLogger("pgsidecar.session")
+
+_ERRNO_KIND = {
+    errno.ECONNRESET: "reset",
+    errno.EPIPE: "reset",
+    errno.ETIMEDOUT: "timeout",
+    errno.EHOSTUNREACH: "unreachable",
+    errno.ENETUNREACH: "unreachable",
+}
+
+
+def classify_exception(exc: BaseException | None, saw_eof: bool) -> tuple[str, str | None, bool | None]:
+    """(kind, errno name, TLS close_notify seen) for the way a socket ended."""
+    if exc is None:
+        return "eof", None, saw_eof or None
+    if isinstance(exc, ssl.SSLError):
+        return "tls_error", getattr(exc, "reason", None) or type(exc).__name__, False
+    code = getattr(exc, "errno", None)
+    if code in _ERRNO_KIND:
+        return _ERRNO_KIND[code], errno.errorcode.get(code), False
+    if isinstance(exc, ConnectionResetError):
+        return "reset", "ECONNRESET", False
+    if isinstance(exc, TimeoutError):
+        return "timeout", "ETIMEDOUT", False
+    return "other", errno.errorcode.get(code) if code else type(exc).__name__, False
+
+
+class ServerSide(asyncio.Protocol):
+    """The upstream socket of one session."""
+
+    __slots__ = ("driver", "transport", "saw_eof", "closing", "last_tcp_info")
+
+    def __init__(self, driver: ClientDriver) -> None:
+        self.driver = driver
+        self.transport: asyncio.Transport | None = None
+        self.saw_eof = False
+        self.closing = False
+        self.last_tcp_info: dict | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(*self.driver.sidecar.write_limits)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.driver.server_data(self, data)
+
+    def eof_received(self) -> bool:
+        self.saw_eof = True
+        self.last_tcp_info = _tcp_info_of(self.transport)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closing:
+            self.driver.server_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        self.driver.pause_client_reading("server-buffer")
+
+    def resume_writing(self) -> None:
+        self.driver.resume_client_reading("server-buffer")
+
+
+def _tcp_info_of(transport: asyncio.BaseTransport | None) -> dict | None:
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.fileno() < 0:
+        return None
+    try:
+        return tcp_info(sock)
+    except OSError:
+        return None
+
+
+class ClientDriver(asyncio.Protocol):
+    """One client connection: the brain plus the two transports it steers."""
+
+    def __init__(self, sidecar: Sidecar, *, unix: bool = False) -> None:
+        self.sidecar = sidecar
+        self.unix = unix
+        self.loop = asyncio.get_running_loop()
+        self.brain = SidecarConnection(sidecar.policy, secret=secrets.token_bytes(4))
+        self.client: asyncio.Transport | None = None
+        self.server: ServerSide | None = None
+        self.connecting: asyncio.Task | None = None
+        self.timers: dict[str, asyncio.TimerHandle] = {}
+        self.paused_by: set[str] = set()
+        self.registered = False
+        self.closed = False
+
+    # ---------------------------------------------------------------- client socket
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.client = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(*self.sidecar.write_limits)  # type: ignore[attr-defined]
+        peer = transport.get_extra_info("peername")
+        if self.unix or not peer:
+            peer_text, trusted = "unix", True
+        else:
+            peer_text = f"{peer[0]}:{peer[1]}"
+            trusted = peer[0].startswith("127.") or peer[0] in ("::1", "::ffff:127.0.0.1")
+        if not self.sidecar.admit(self):
+            return
+        self.feed(ev.ClientConnected(time.monotonic(), time.time(), peer_text, trusted))
+
+    def data_received(self, data: bytes) -> None:
+        self.feed(ev.ClientData(time.monotonic(), data))
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self.feed(ev.ClientClosed(time.monotonic(), str(exc) if exc else None))
+        self._teardown()
+
+    def pause_writing(self) -> None:
+        if self.server is not None and self.server.transport is not None:
+            self.server.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.server is not None and self.server.transport is not None:
+            self.server.transport.resume_reading()
+
+    def pause_client_reading(self, why: str) -> None:
+        if not self.paused_by and self.client is not None:
+            self.client.pause_reading()
+        self.paused_by.add(why)
+
+    def resume_client_reading(self, why: str) -> None:
+        self.paused_by.discard(why)
+        if not self.paused_by and self.client is not None and not self.client.is_closing():
+            self.client.resume_reading()
+
+    # ---------------------------------------------------------------- server socket
+    def server_data(self, side: ServerSide, data: bytes) -> None:
+        if side is self.server:
+            self.feed(ev.ServerData(time.monotonic(), data))
+
+    def server_lost(self, side: ServerSide, exc: Exception | None) -> None:
+        if side is not self.server:
+            return
+        self.server = None
+        kind, errno_name, close_notify = classify_exception(exc, side.saw_eof)
+        info = side.last_tcp_info or _tcp_info_of(side.transport)
+        event = ev.ServerClosed(time.monotonic(), time.time(), kind, errno_name, close_notify,
+                                str(exc) if exc else None, info)
+        self.feed(event)
+
+    # ---------------------------------------------------------------- commands
+    def feed(self, event: object) -> None:
+        """Hand one event to the brain; an internal bug ends this session only, with a log line."""
+        try:
+            commands = self.brain.handle(event)
+        except Exception:
+            log.exception("internal error in session %s; closing it", self.brain.peer)
+            self.closed = True
+            self._close_server()
+            if self.client is not None:
+                self.client.close()
+            return
+        self.run(commands)
+
+    def run(self, commands: list) -> None:
+        for command in commands:
+            kind = type(command)
+            if kind is cmd.SendToServer:
+                if self.server is not None and self.server.transport is not None:
+                    self.server.transport.write(command.data)
+            elif kind is cmd.SendToClient:
+                if self.client is not None:
+                    self.client.write(command.data)
+            else:
+                self._other(command)
+        if not self.registered and self.brain.first_backend_pid:
+            self.registered = True
+            self.sidecar.register(self)
+
+    def _other(self, command: object) -> None:
+        if isinstance(command, cmd.OpenServer):
+            self._open_server(command.use_tls)
+        elif isinstance(command, cmd.CloseServer):
+            self._close_server()
+        elif isinstance(command, cmd.CloseClient):
+            self.closed = True
+            if self.client is not None:
+                self.client.close()
+        elif isinstance(command, cmd.StartClientTLS):
+            self._start_client_tls()
+        elif isinstance(command, cmd.SetTimer):
+            self._set_timer(command.name, command.delay_s)
+        elif isinstance(command, cmd.CancelTimer):
+            handle = self.timers.pop(command.name, None)
+            if handle is not None:
+                handle.cancel()
+        elif isinstance(command, cmd.PauseClient):
+            self.pause_client_reading("brain")
+        elif isinstance(command, cmd.ResumeClient):
+            self.resume_client_reading("brain")
+        elif isinstance(command, cmd.RecordDrop):
+            self.sidecar.record_drop(self, command.drop)
+        elif isinstance(command, cmd.ForwardCancel):
+            self.sidecar.forward_cancel(command.pid, command.secret)
+        elif isinstance(command, cmd.Log):
+            getattr(log, command.level)(command.message)
+        else:
+            raise TypeError(f"unknown command {command!r}")
+
+    def _set_timer(self, name: str, delay: float) -> None:
+        old = self.timers.pop(name, None)
+        if old is not None:
+            old.cancel()
+
+        def fire() -> None:
+            self.timers.pop(name, None)
+            self.feed(ev.Timer(time.monotonic(), time.time(), name))
+
+        self.timers[name] = self.loop.call_later(delay, fire)
+
+    def _start_client_tls(self) -> None:
+        assert self.client is not None
+        self.client.write(b"S")
+        self.client.pause_reading()
+        self.connecting_tls = asyncio.ensure_future(self._client_tls())
+
+    async def _client_tls(self) -> None:
+        try:
+            new = await self.loop.start_tls(
+                self.client, self, self.sidecar.client_tls_context, server_side=True,
+                ssl_handshake_timeout=self.sidecar.startup_timeout_s,
+            )
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+            log.info("client TLS handshake failed: %s", exc)
+            self.closed = True
+            if self.client is not None:
+                self.client.close()
+            return
+        if new is None:
+            return
+        self.client = new
+        self.feed(ev.ClientTLSStarted(time.monotonic()))
+
+    def _open_server(self, use_tls: bool | None) -> None:
+        self._close_server()
+        self.connecting = asyncio.ensure_future(self._connect(use_tls))
+
+    async def _connect(self, use_tls: bool | None) -> None:
+        side = ServerSide(self)
+        try:
+            async with self.sidecar.connect_slots:
+                transport, _, facts = await open_upstream(
+                    self.sidecar.target, self.sidecar.keepalive, lambda: side,
+                    ssl_context=self.sidecar.upstream_tls_context, use_tls=use_tls,
+                )
+        except UpstreamError as exc:
+            self.connecting = None
+            if not self.closed:
+                self.feed(ev.ServerConnectFailed(time.monotonic(), exc.kind, str(exc), exc.errno_name))
+            return
+        self.connecting = None
+        if self.closed:
+            side.closing = True
+            transport.close()
+            return
+        self.server = side
+        self.feed(self.sidecar.connected_event(facts))
+
+    def _close_server(self) -> None:
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+        if self.server is not None:
+            self.server.closing = True
+            if self.server.transport is not None:
+                self.server.transport.close()
+            self.server = None
+
+    def _teardown(self) -> None:
+        self.closed = True
+        for handle in self.timers.values():
+            handle.cancel()
+        self.timers.clear()
+        self._close_server()
+        self.sidecar.unregister(self)

@@ -1,0 +1,179 @@
+"""The Sidecar: listeners (TCP and unix), client limits, cancel routing, drop hand-off, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+
+from pgsidecar.auth.scram import tls_server_end_point
+from pgsidecar.config.model import Config
+from pgsidecar.relay import events as ev
+from pgsidecar.relay.connection import SessionPolicy
+from pgsidecar.relay.recovery import error_bytes
+from pgsidecar.runtime.driver import ClientDriver
+from pgsidecar.runtime.tls import local_server_context, upstream_context
+from pgsidecar.runtime.upstream import UpstreamFacts, UpstreamError, open_upstream
+from pgsidecar.wire import frontend as fe
+from pgsidecar.wire import sqlstate
+
+log = logging.getLogger("pgsidecar")
+
+
+def policy_from_config(config: Config) -> SessionPolicy:
+    auth = config.auth
+    configured = auth.mode == "configured"
+    target = config.upstream.target
+    return SessionPolicy(
+        client_tls=config.listen.tls,
+        max_message_bytes=config.listen.max_message_bytes,
+        startup_timeout_s=config.listen.startup_timeout_s,
+        reconnect_deadline_s=config.reconnect.deadline_s,
+        backoff_initial_s=config.reconnect.backoff_initial_s,
+        backoff_max_s=config.reconnect.backoff_max_s,
+        on_transaction_loss=config.reconnect.on_transaction_loss,
+        max_buffered_bytes=config.reconnect.max_buffered_bytes,
+        upstream_user=(auth.user or target.user) if configured else None,
+        upstream_password=(auth.password or target.password) if configured else None,
+        upstream_dbname=target.dbname if configured else None,
+        application_name=target.application_name,
+    )
+
+
+class Sidecar:
+    """Everything the client drivers share; built once by the app from the config."""
+
+    def __init__(self, config: Config, *, on_drop: Callable[[ClientDriver, dict], None] | None = None) -> None:
+        self.config = config
+        self.policy = policy_from_config(config)
+        self.target = config.upstream.target
+        self.keepalive = config.upstream.keepalive
+        self.client_tls_context = local_server_context(config.listen)
+        self.upstream_tls_context = upstream_context(self.target)
+        self.write_limits = (config.relay.high_water_bytes, config.relay.low_water_bytes)
+        self.startup_timeout_s = config.listen.startup_timeout_s
+        limit = config.reconnect.max_concurrent
+        self.connect_slots: asyncio.Semaphore = asyncio.Semaphore(limit if limit > 0 else 1_000_000)
+        self.drivers: set[ClientDriver] = set()
+        self.by_key: dict[tuple[int, bytes], ClientDriver] = {}
+        self.servers: list[asyncio.AbstractServer] = []
+        self.on_drop = on_drop
+        self.draining = False
+        self.unix_path: str | None = None
+
+    # ---------------------------------------------------------------- listeners
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        listen = self.config.listen
+        server = await loop.create_server(lambda: ClientDriver(self), listen.host, listen.port, backlog=1024)
+        self.servers.append(server)
+        if listen.unix_socket_dir:
+            path = os.path.join(listen.unix_socket_dir, f".s.PGSQL.{listen.port}")
+            if os.path.exists(path):
+                os.unlink(path)
+            unix = await loop.create_unix_server(lambda: ClientDriver(self, unix=True), path)
+            os.chmod(path, 0o777)
+            self.unix_path = path
+            self.servers.append(unix)
+
+    @property
+    def ports(self) -> list[int]:
+        out = []
+        for server in self.servers:
+            for sock in server.sockets:
+                name = sock.getsockname()
+                if isinstance(name, tuple):
+                    out.append(name[1])
+        return out
+
+    async def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        for driver in list(self.drivers):
+            if driver.client is not None:
+                driver.client.close()
+        for server in self.servers:
+            await server.wait_closed()
+        if self.unix_path and os.path.exists(self.unix_path):
+            os.unlink(self.unix_path)
+
+    # ---------------------------------------------------------------- sessions
+    def admit(self, driver: ClientDriver) -> bool:
+        if self.draining or len(self.drivers) >= self.config.listen.max_clients:
+            assert driver.client is not None
+            text = "the sidecar is shutting down" if self.draining else "sorry, too many clients already"
+            code = sqlstate.ADMIN_SHUTDOWN if self.draining else sqlstate.TOO_MANY_CONNECTIONS
+            driver.client.write(error_bytes("FATAL", code, text))
+            driver.client.close()
+            driver.closed = True
+            log.warning("refused a client: %s", text)
+            return False
+        self.drivers.add(driver)
+        return True
+
+    def register(self, driver: ClientDriver) -> None:
+        self.by_key[(driver.brain.first_backend_pid, driver.brain.secret)] = driver
+
+    def unregister(self, driver: ClientDriver) -> None:
+        self.drivers.discard(driver)
+        self.by_key.pop((driver.brain.first_backend_pid, driver.brain.secret), None)
+
+    def connected_event(self, facts: UpstreamFacts) -> ev.ServerConnected:
+        cert = facts.cert
+        binding = tls_server_end_point(cert.der) if cert is not None else None
+        record = {
+            "host": facts.host, "address": facts.address, "port": facts.port, "tls": facts.tls,
+            "tls_version": facts.tls_version, "tls_cipher": facts.tls_cipher,
+            "cert_fingerprint": cert.fingerprint_sha256 if cert else None,
+            "cert_not_after": cert.not_after if cert else None,
+        }
+        return ev.ServerConnected(time.monotonic(), time.time(), facts.address, facts.tls, binding,
+                                  cert.fingerprint_sha256 if cert else None, record)
+
+    def record_drop(self, driver: ClientDriver, info: dict) -> None:
+        if self.on_drop is not None:
+            self.on_drop(driver, info)
+
+    # ---------------------------------------------------------------- cancel
+    def forward_cancel(self, pid: int, secret: bytes) -> None:
+        driver = self.by_key.get((pid, secret))
+        if driver is None:
+            log.info("cancel request for an unknown session key ignored")
+            return
+        real_pid, real_secret = driver.brain.backend_key
+        if real_pid:
+            asyncio.ensure_future(self._send_cancel(real_pid, real_secret))
+
+    async def _send_cancel(self, pid: int, secret: bytes) -> None:
+        """55.2.8 "Canceling Requests in Progress": a new connection carrying only CancelRequest."""
+        done = asyncio.get_running_loop().create_future()
+
+        class _Closer(asyncio.Protocol):
+            def connection_lost(self, exc: Exception | None) -> None:
+                if not done.done():
+                    done.set_result(None)
+
+        try:
+            transport, _, _ = await open_upstream(
+                self.target, self.keepalive, _Closer, ssl_context=self.upstream_tls_context
+            )
+        except UpstreamError as exc:
+            log.warning("could not forward a cancel request: %s", exc)
+            return
+        transport.write(fe.CancelRequest(pid, secret).encode())
+        try:
+            await asyncio.wait_for(done, 5.0)
+        except asyncio.TimeoutError:
+            pass
+        transport.close()
+
+    # ---------------------------------------------------------------- drain
+    def drain(self) -> None:
+        """Stop accepting; idle sessions get 57P01 now, busy ones when their transaction ends."""
+        self.draining = True
+        for server in self.servers:
+            server.close()
+        for driver in list(self.drivers):
+            driver.run(driver.brain.drain())

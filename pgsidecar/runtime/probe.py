@@ -1,0 +1,74 @@
+"""`pgsidecar check`: one upstream connection with the configured TLS and credentials."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from pgsidecar.auth.scram import tls_server_end_point
+from pgsidecar.config.model import Config
+from pgsidecar.relay.login import UpstreamLogin
+from pgsidecar.runtime.tls import upstream_context
+from pgsidecar.runtime.upstream import UpstreamFacts, keepalive_readback, open_upstream
+from pgsidecar.wire import frontend as fe
+
+
+class CheckFailed(Exception):
+    """The upstream could not be reached or refused us; the message says why."""
+
+
+@dataclass(slots=True)
+class CheckResult:
+    facts: UpstreamFacts
+    params: dict[str, str]
+    backend_pid: int
+    auth_method: str | None
+    keepalive: dict[str, int] = field(default_factory=dict)
+
+
+class _Collector(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    def data_received(self, data: bytes) -> None:
+        self.queue.put_nowait(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.queue.put_nowait(None)
+
+
+async def check_upstream(config: Config, *, user: str | None = None, password: str | None = None,
+                         dbname: str | None = None, timeout_s: float = 15.0) -> CheckResult:
+    target = config.upstream.target
+    user = user or config.auth.user or target.user
+    if not user:
+        raise CheckFailed("no user to log in with: set it in upstream.dsn, PGUSER or auth.user")
+    params = {"user": user, "database": dbname or target.dbname or user,
+              "application_name": "pgsidecar check"}
+    collector = _Collector()
+    transport, _, facts = await open_upstream(
+        target, config.upstream.keepalive, lambda: collector, ssl_context=upstream_context(target),
+        timeout_s=timeout_s,
+    )
+    try:
+        sock = transport.get_extra_info("socket")
+        readback = keepalive_readback(sock) if sock is not None else {}
+        binding = tls_server_end_point(facts.cert.der) if facts.cert is not None else None
+        login = UpstreamLogin(params, password or config.auth.password or target.password, channel_binding=binding)
+        transport.write(login.start())
+        while True:
+            data = await asyncio.wait_for(collector.queue.get(), timeout_s)
+            if data is None:
+                raise CheckFailed("the server closed the connection during login")
+            step = login.feed(data)
+            if step.send:
+                transport.write(step.send)
+            if step.needs_password:
+                raise CheckFailed("the server asks for a password: set PGPASSWORD, upstream.dsn password or auth.password")
+            if step.error is not None:
+                raise CheckFailed(f"the server refused the login: {step.error.severity} {step.error.code} {step.error.message}")
+            if step.done is not None:
+                transport.write(fe.Terminate().encode())
+                return CheckResult(facts, step.done.params, step.done.backend_pid, login.auth_method, readback)
+    finally:
+        transport.close()

@@ -22,7 +22,14 @@ from collections.abc import Callable, Mapping
 
 from pgsidecar.config.model import SslMode, UpstreamTarget
 
-__all__ = ["ConninfoError", "parse_conninfo", "URI_PREFIXES", "PG_ENVIRONMENT"]
+__all__ = [
+    "PG_ENVIRONMENT",
+    "URI_PREFIXES",
+    "ConninfoError",
+    "parse_conninfo",
+    "parse_keyword_value",
+    "parse_uri",
+]
 
 URI_PREFIXES = ("postgresql://", "postgres://")
 

@@ -343,8 +343,8 @@ def idle_clusters(recs: Sequence[DropRecord]) -> list[dict[str, Any]]:
         by_cause.setdefault(r.cause, []).append(r)
     for cause, group in by_cause.items():
         for members in find_clusters([r.idle_s for r in group], len(group)):
-            center = members[len(members) // 2]
             lo, hi = members[0], members[-1]
+            center = (lo + hi) / 2
             in_cluster = [r for r in group if lo <= r.idle_s <= hi]
             described = _describe_cluster(
                 cause, center, lo, hi, len(members), len(group), in_cluster
@@ -363,7 +363,7 @@ def _describe_cluster(
     of_cause: int,
     members: Sequence[DropRecord],
 ) -> dict[str, Any]:
-    spread = max(center - lo, hi - center)
+    spread = (hi - lo) / 2
     keepalives = Counter(r.keepalive_idle_s for r in members)
     keepalive = keepalives.most_common(1)[0][0] if keepalives else None
     box = middlebox_for(center) if cause in _NETWORK_CAUSES else None
@@ -416,18 +416,24 @@ def correlated_events(recs: Sequence[DropRecord]) -> list[dict[str, Any]]:
     all_sidecars = len({r.sidecar for r in recs})
     events: list[dict[str, Any]] = []
     for upstream, group in by_upstream.items():
-        current: list[DropRecord] = []
-        for r in group + [None]:  # type: ignore[list-item]
-            if r is not None and current and r.time - current[0].time <= EVENT_WINDOW_S:
-                current.append(r)
-                continue
-            if current:
-                event = _event(upstream, current, all_sidecars)
-                if event is not None:
-                    events.append(event)
-            current = [r] if r is not None else []
+        for window in _windows(group):
+            event = _event(upstream, window, all_sidecars)
+            if event is not None:
+                events.append(event)
     events.sort(key=lambda e: e["time"])
     return events
+
+
+def _windows(group: Sequence[DropRecord]) -> Iterator[list[DropRecord]]:
+    """Split time-sorted records into runs no longer than EVENT_WINDOW_S from their first."""
+    current: list[DropRecord] = []
+    for r in group:
+        if current and r.time - current[0].time > EVENT_WINDOW_S:
+            yield current
+            current = []
+        current.append(r)
+    if current:
+        yield current
 
 
 def _event(upstream: str, group: list[DropRecord], all_sidecars: int) -> dict[str, Any] | None:
@@ -456,8 +462,16 @@ def _event(upstream: str, group: list[DropRecord], all_sidecars: int) -> dict[st
 
 
 def _hints(recs: Sequence[DropRecord]) -> list[dict[str, Any]]:
-    counts = Counter((r.cause.value, r.hint) for r in recs)
-    return [{"cause": c, "count": n, "hint": h} for (c, h), n in counts.most_common()]
+    """One hint per cause: the records' own when they agree, else the cause's generic one."""
+    per_cause: dict[DropCause, Counter[str]] = {}
+    for r in recs:
+        per_cause.setdefault(r.cause, Counter())[r.hint] += 1
+    rows = []
+    for cause, hints in per_cause.items():
+        hint = next(iter(hints)) if len(hints) == 1 else cause.hint
+        rows.append({"cause": cause.value, "count": sum(hints.values()), "hint": hint})
+    rows.sort(key=lambda row: -row["count"])
+    return rows
 
 
 # -- text output -----------------------------------------------------------------------------
@@ -483,7 +497,7 @@ def render_text(summary: dict[str, Any]) -> str:
     """The terminal report: headline, then one block per section."""
     if summary["count"] == 0:
         return "no drops\n"
-    lines = [_headline(summary), ""]
+    lines = [_headline(summary), _details(summary), ""]
     lines += _by_cause_block(summary)
     lines += _timeline_block(summary["timeline"])
     same_day = summary["first"][:10] == summary["last"][:10]
@@ -491,14 +505,14 @@ def render_text(summary: dict[str, Any]) -> str:
         lines.append("Idle ages")
         for c in summary["idle_clusters"]:
             lines.append(
-                f"  {c['count']} at idle {c['idle_s']:.0f} s +/- {max(c['spread_s'], 1):.0f} s"
-                f" ({c['cause']}, {c['count']} of {c['of_cause']}): {c['explanation']}."
+                f"  {_cluster_head(c)} ({c['cause']}, {c['count']} of {c['of_cause']}):"
+                f" {c['explanation']}."
             )
         lines.append("")
     if summary["events"]:
         lines.append("Same moment, several sidecars or clients (server-side events)")
         for e in summary["events"]:
-            lines.append("  " + _event_line(e, same_day))
+            lines.append("  " + _event_line(e, same_day) + ".")
         lines.append("")
     lines.append("Hints")
     for h in summary["hints"]:
@@ -507,15 +521,30 @@ def render_text(summary: dict[str, Any]) -> str:
 
 
 def _headline(s: dict[str, Any]) -> str:
+    """One sentence: how many, then each idle cluster and each server-side event."""
     n = s["count"]
-    what = f"{n} drop{'s' if n != 1 else ''}"
     when = f"in {human_span(s['span_s'])}" if s["span_s"] >= 1 else f"at {s['first']}"
-    where = f"{s['sidecars']} sidecar{'s' if s['sidecars'] != 1 else ''}"
+    parts = [f"{n} drop{'s' if n != 1 else ''} {when}"]
+    for c in s["idle_clusters"]:
+        parts.append(f"{_cluster_head(c)}: {c['explanation']}")
+    same_day = s["first"][:10] == s["last"][:10]
+    parts += [_event_line(e, same_day, with_upstream=False) for e in s["events"]]
+    if len(parts) == 1:
+        parts += [f"{c['count']} {c['phrase']}" for c in s["by_cause"][:3]]
+    return "; ".join(parts) + "."
+
+
+def _details(s: dict[str, Any]) -> str:
     impact = s["impact"]
+    where = f"{s['sidecars']} sidecar{'s' if s['sidecars'] != 1 else ''}"
     return (
-        f"{what} {when} ({s['first']} .. {s['last']}), {where};"
-        f" {impact['transparent']} transparent, {impact['client_saw_error']} reached the client"
+        f"({s['first']} .. {s['last']}, {where}, {s['upstreams']} upstream(s);"
+        f" {impact['transparent']} transparent, {impact['client_saw_error']} reached the client)"
     )
+
+
+def _cluster_head(c: dict[str, Any]) -> str:
+    return f"{c['count']} at idle {c['idle_s']:.0f} s +/- {max(c['spread_s'], 1):.0f} s"
 
 
 def _by_cause_block(s: dict[str, Any]) -> list[str]:
@@ -529,24 +558,26 @@ def _by_cause_block(s: dict[str, Any]) -> list[str]:
 
 
 def _timeline_block(t: dict[str, Any]) -> list[str]:
-    fmt = {"minute": 16, "hour": 13, "day": 10}[t["bucket"]]
+    fmt, suffix = {"minute": (16, ""), "hour": (13, ":00"), "day": (10, "")}[t["bucket"]]
     peak = max(row["count"] for row in t["rows"])
     lines = [f"Timeline (per {t['bucket']}, UTC)"]
     for row in t["rows"]:
         bar = "#" * max(1, round(40 * row["count"] / peak))
-        stamp = row["start"][:fmt].replace("T", " ")
+        stamp = row["start"][:fmt].replace("T", " ") + suffix
         causes = ", ".join(f"{c} {n}" for c, n in row["by_cause"].items())
         lines.append(f"  {stamp:<16} {row['count']:>4} {bar}  {causes}")
     return [*lines, ""]
 
 
-def _event_line(e: dict[str, Any], same_day: bool) -> str:
+def _event_line(e: dict[str, Any], same_day: bool, *, with_upstream: bool = True) -> str:
     who = (
         f"across all {e['sidecars']} sidecars"
         if e["all_sidecars"]
         else f"across {e['sidecars']} sidecar{'s' if e['sidecars'] != 1 else ''}"
         f" ({e['clients']} clients)"
     )
-    why = ", ".join(_EVIDENCE_WORDS.get(f, f) for f in e["evidence"][:3])
+    words = [_EVIDENCE_WORDS[f] for f in e["evidence"] if f in _EVIDENCE_WORDS]
+    why = ", ".join(words or e["evidence"][:3])
     reason = f"{e['phrase']} ({why})" if why else e["phrase"]
-    return f"{e['drops']} at {_short_time(e['time'], same_day)} on {e['upstream']} {who}: {reason}."
+    on = f" on {e['upstream']}" if with_upstream else ""
+    return f"{e['drops']} at {_short_time(e['time'], same_day)}{on} {who}: {reason}"

@@ -367,7 +367,15 @@ class SidecarConnection:
 
     # ------------------------------------------------------------------ relaying: server -> client
     def _server_data(self, event: ev.ServerData) -> list[object]:
+        before = self.last_server_at
         self.last_server_at = event.now
+        out = self._server_data_phase(event)
+        if self.last_fatal is not None or self.last_notice is not None:
+            # The server's last words are not activity: idle_s counts up to them.
+            self.last_server_at = before
+        return out
+
+    def _server_data_phase(self, event: ev.ServerData) -> list[object]:
         if self.pending.front is Owner.INTERNAL:
             return self._internal_data(event.data, event.now)
         if self.phase is Phase.RELAYING or self.phase is Phase.DRAINING:

@@ -144,10 +144,10 @@ class UpstreamLogin:
         user = self.params.get("user", "")
         if isinstance(request, be.AuthenticationCleartextPassword):
             self.auth_method = "password"
-            return fe.PasswordMessage(password.encode() + b"\x00").encode()
+            return fe.PasswordMessage(password.encode()).encode()
         if isinstance(request, be.AuthenticationMD5Password):
             self.auth_method = "md5"
-            return fe.PasswordMessage(md5_password(user, password, request.salt) + b"\x00").encode()
+            return fe.PasswordMessage(md5_password(user, password, request.salt)).encode()
         assert isinstance(request, be.AuthenticationSASL)
         self._scram = ScramClient(
             user, password, mechanisms=request.mechanisms, channel_binding=self.channel_binding

@@ -106,10 +106,12 @@ async def connect(t: UpstreamTarget, **kw: Any) -> tuple[asyncio.Transport, Coll
     return transport, proto, facts
 
 
-async def connect_and_greet(t: UpstreamTarget, **kw: Any) -> tuple[UpstreamFacts, bytes]:
+async def connect_and_greet(
+    t: UpstreamTarget, dbname: str = "app", **kw: Any
+) -> tuple[UpstreamFacts, bytes]:
     transport, proto, facts = await connect(t, **kw)
     try:
-        return facts, await first_reply_type(transport, proto, kw.get("dbname", "app"))
+        return facts, await first_reply_type(transport, proto, dbname)
     finally:
         transport.close()
 
@@ -352,11 +354,21 @@ async def fake_server(handler: Handler) -> AsyncIterator[tuple[int, list[bytes]]
         server.close()
 
 
-async def _fake_connect(handler: Handler, mode: str, **kw: Any) -> tuple[UpstreamFacts | UpstreamError, list[bytes]]:
+async def _fake_connect(
+    handler: Handler, mode: str, *, greet: bool = False, **kw: Any
+) -> tuple[UpstreamFacts | UpstreamError, list[bytes]]:
+    """Connect to a fake server; with `greet`, send a StartupMessage and wait until it is seen."""
     async with fake_server(handler) as (port, firsts):
         t = UpstreamTarget(host="127.0.0.1", port=port, sslmode=SslMode(mode))
         try:
             transport, _, facts = await connect(t, **kw)
+            seen = len(firsts)
+            if greet:
+                transport.write(startup_message("app", "app"))
+                for _ in range(200):
+                    if len(firsts) > seen:
+                        break
+                    await asyncio.sleep(0.01)
             transport.close()
             return facts, firsts
         except UpstreamError as e:
@@ -420,9 +432,9 @@ def test_handshake_failure_under_prefer_retries_in_plaintext(run: Any) -> None:
         if calls == 1:
             await _s_then_garbage(reader, writer)
 
-    facts, firsts = run(_fake_connect(first_tls_then_plain, "prefer"))
+    facts, firsts = run(_fake_connect(first_tls_then_plain, "prefer", greet=True))
     assert isinstance(facts, UpstreamFacts) and facts.tls is False
-    assert len(firsts) == 2 and firsts[0] == SSL_REQUEST and firsts[1] != SSL_REQUEST
+    assert firsts == [SSL_REQUEST, startup_message("app", "app")[:8]]  # a new, plaintext connection
 
 
 def test_silent_server_times_out(run: Any) -> None:

@@ -545,3 +545,20 @@ def test_percent_encoded_uri_matches_libpq(
         "application_name": appname,
     }
     assert _ours(dsn) == _libpq_parse(dsn) == expected
+
+
+_KV_PIECES = ["host", "port", "=", " ", "\t", "'", "\\", "a", "x y"]
+_URI_PIECES = ["@", ":", "/", "?", "&", "=", "[", "]", ",", "%2F", "%4", "a", "host", "sslmode"]
+_URI_PIECES += ["require", "::1", "5"]
+
+
+@given(
+    st.one_of(
+        st.lists(st.sampled_from(_KV_PIECES), max_size=12).map("".join),
+        st.lists(st.sampled_from(_URI_PIECES), max_size=12).map(
+            lambda parts: "postgresql://" + "".join(parts)
+        ),
+    )
+)
+def test_fuzzed_strings_parse_or_fail_exactly_like_libpq(dsn: str) -> None:
+    assert _ours(dsn) == _libpq_parse(dsn)

@@ -96,12 +96,17 @@ def test_story_text(tmp_path: Path) -> None:
     code, out, err = run([str(p) for p in story(tmp_path)])
     assert code == 0, err
     assert err == ""
-    assert out.startswith("47 drops in ")
+    first = out.splitlines()[0]
+    assert first.startswith("47 drops in 23 h; 38 at idle 350 s +/- 2 s: a load balancer or NAT")
+    assert first.endswith(
+        "; 3 at 02:14:07 across 3 sidecars (3 clients): server restart"
+        " (postmaster start time changed)."
+    )
     assert "path_idle_timeout" in out and "server_restart" in out
     assert "38 at idle 350 s +/- 2 s (path_idle_timeout, 38 of 44)" in out
     assert "AWS NLB / NAT Gateway / Gateway LB (350 s)" in out
     assert "set upstream.keepalive.idle below it (now off)" in out
-    assert "3 at 02:14:07 on db:5432 across 3 sidecars" in out
+    assert "  3 at 02:14:07 on db:5432 across 3 sidecars" in out
     assert "server restart (postmaster start time changed)" in out
     assert "Timeline (per hour, UTC)" in out
     assert "Hints" in out
@@ -168,6 +173,20 @@ def test_drops_further_apart_than_a_second_are_not_one_event(tmp_path: Path) -> 
     recs = [rec(DAY0 + k * 1.5, sidecar=f"p{k}") for k in range(4)]
     _, js, _ = run([str(write(tmp_path / "a.jsonl", recs)), "--json"])
     assert json.loads(js)["events"] == []
+
+
+def test_hints_grouped_per_cause_even_when_templated(tmp_path: Path) -> None:
+    recs = [rec(DAY0 + k, idle=300.0 + k) for k in range(5)]
+    recs = [
+        DropRecord(**{**{f: getattr(r, f) for f in r.__slots__}, "hint": f"after {r.idle_s} s"})
+        for r in recs
+    ]
+    recs.append(rec(DAY0 + 9, cause=DropCause.NETWORK_RESET))
+    _, js, _ = run([str(write(tmp_path / "a.jsonl", recs)), "--json"])
+    assert json.loads(js)["hints"] == [
+        {"cause": "path_idle_timeout", "count": 5, "hint": DropCause.PATH_IDLE_TIMEOUT.hint},
+        {"cause": "network_reset", "count": 1, "hint": DropCause.NETWORK_RESET.hint},
+    ]
 
 
 def test_empty_input_says_no_drops(tmp_path: Path) -> None:
@@ -276,8 +295,8 @@ def test_day_timeline_for_long_spans(tmp_path: Path) -> None:
 
 
 def test_find_clusters_rules() -> None:
-    assert find_clusters([350, 351, 349], 10) == []  # 3 of 10 < 30 %
-    assert find_clusters([350, 351, 349], 9) == [[349, 350, 351]]
+    assert find_clusters([350, 351, 349], 11) == []  # 3 of 11 < 30 %
+    assert find_clusters([350, 351, 349], 10) == [[349, 350, 351]]  # 30 % is enough
     assert find_clusters([10, 100, 1000], 3) == []
     two = find_clusters([100.0] * 4 + [500.0] * 3, 7)
     assert [len(c) for c in two] == [4, 3]

@@ -142,8 +142,7 @@ def hint_for(cause: DropCause, facts: Mapping[str, object]) -> str:
     if cause is DropCause.UNKNOWN and facts.get("message"):
         code = f" {facts['sqlstate']}" if facts.get("sqlstate") else ""
         return (
-            f"the server said{code} \"{facts['message']}\": look at the server log around that"
-            " time"
+            f'the server said{code} "{facts["message"]}": look at the server log around that time'
         )
     if cause is DropCause.NETWORK_TIMEOUT and facts.get("errno_name") in _UNREACHABLE:
         return (

@@ -317,9 +317,7 @@ def pooler_text(message: str | None, sqlstate: str | None) -> PoolerText | None:
     return None
 
 
-def _pooler(
-    obs: Observed, said: tuple[str, ...], facts: dict[str, object]
-) -> Found:
+def _pooler(obs: Observed, said: tuple[str, ...], facts: dict[str, object]) -> Found:
     """Rule 4."""
     entry = pooler_text(obs.message, obs.sqlstate)
     if entry is None:
@@ -363,9 +361,7 @@ def _is_57p01(obs: Observed) -> bool:
     )
 
 
-def _shutdown_or_terminate(
-    ev: Evidence, said: tuple[str, ...]
-) -> Found:
+def _shutdown_or_terminate(ev: Evidence, said: tuple[str, ...]) -> Found:
     """Rules 8-11: 57P01 means pg_terminate_backend or a shutdown; the reconnect tells which."""
     obs = ev.observed
     if "immediate shutdown" in _msg(obs):

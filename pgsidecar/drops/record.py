@@ -224,8 +224,8 @@ def _attempts(n: int) -> str:
 
 def iso_utc(t: float) -> str:
     """Epoch seconds -> '2026-01-02T03:04:05.678Z'."""
-    return datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z"
+    return (
+        datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     )
 
 

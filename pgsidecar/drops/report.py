@@ -190,24 +190,29 @@ class _InputLines:
     def __init__(self, path: str, stdin: IO[str]) -> None:
         self.path, self.stdin = path, stdin
         self.handle: IO[str] | None = None
+        self.raw: IO[bytes] | None = None
 
     def __enter__(self) -> Iterator[str]:
         if self.path == "-":
             return iter(self.stdin)
         try:
-            raw = open(self.path, "rb")  # noqa: SIM115 - closed in __exit__
+            raw = open(self.path, "rb")  # closed in __exit__
         except FileNotFoundError:
             raise UsageError(f"{self.path}: no such file") from None
         except OSError as exc:
             raise UsageError(f"{self.path}: cannot open: {exc.strerror or exc}") from None
-        magic = raw.peek(2)[:2] if hasattr(raw, "peek") else b""
-        binary: IO[bytes] = gzip.GzipFile(fileobj=raw) if magic == b"\x1f\x8b" else raw
+        self.raw = raw
+        binary: IO[bytes] = raw
+        if raw.peek(2)[:2] == b"\x1f\x8b":  # gzip magic (RFC 1952), whatever the file name
+            binary = gzip.GzipFile(fileobj=raw)  # type: ignore[assignment]
         self.handle = io.TextIOWrapper(binary, encoding="utf-8", errors="replace")
         return iter(self.handle)
 
     def __exit__(self, *exc: object) -> None:
         if self.handle is not None:
             self.handle.close()
+        if self.raw is not None:
+            self.raw.close()  # GzipFile leaves a passed-in fileobj open
 
 
 # -- time window -----------------------------------------------------------------------------
@@ -466,11 +471,11 @@ def _hints(recs: Sequence[DropRecord]) -> list[dict[str, Any]]:
     per_cause: dict[DropCause, Counter[str]] = {}
     for r in recs:
         per_cause.setdefault(r.cause, Counter())[r.hint] += 1
-    rows = []
+    rows: list[dict[str, Any]] = []
     for cause, hints in per_cause.items():
         hint = next(iter(hints)) if len(hints) == 1 else cause.hint
         rows.append({"cause": cause.value, "count": sum(hints.values()), "hint": hint})
-    rows.sort(key=lambda row: -row["count"])
+    rows.sort(key=lambda row: -int(row["count"]))
     return rows
 
 

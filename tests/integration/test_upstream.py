@@ -30,7 +30,7 @@ from pgsidecar.runtime.upstream import (
     tcp_info,
 )
 from tests.fixtures.certs import certificate_fingerprint, make_pki
-from tests.fixtures.postgres import ClusterFactory, PgCluster
+from tests.fixtures.postgres import PgCluster
 
 pytestmark = pytest.mark.server
 
@@ -48,12 +48,6 @@ def run(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, T]], T]
             return r.run(asyncio.wait_for(coro, 30))
 
     return runner
-
-
-@pytest.fixture(scope="module")
-def pg_nossl(pg_factory: ClusterFactory) -> PgCluster:
-    """A real server with ssl=off: it answers SSLRequest with 'N'."""
-    return pg_factory(ssl=False)
 
 
 class Collect(asyncio.Protocol):
@@ -240,20 +234,6 @@ def test_unix_socket_never_uses_tls(pg: PgCluster, run: Any) -> None:
     assert str(info.value).startswith(f'connection to server on socket "{pg.socket_dir}/.s.PGSQL.')
 
 
-# -- a server without SSL: the real one answers 'N' ---------------------------------------------
-
-
-def test_server_without_ssl(pg_nossl: PgCluster, run: Any) -> None:
-    for mode in ("require", "verify-full"):
-        t = target(pg_nossl, mode, sslrootcert=pg_nossl.pki.ca_cert, host="localhost")
-        with pytest.raises(UpstreamError) as info:
-            run(connect(t))
-        assert info.value.kind == "ssl_not_supported"
-        assert str(info.value).endswith("server does not support SSL, but SSL was required")
-    facts, reply = run(connect_and_greet(target(pg_nossl, "prefer")))
-    assert facts.tls is False and reply == b"R"
-
-
 # -- failures --------------------------------------------------------------------------------
 
 
@@ -286,6 +266,10 @@ def test_dns_is_resolved_on_every_call_and_addresses_tried_in_order(
         facts, reply = run(connect_and_greet(t))
         assert facts.tls and reply == b"R"
     assert calls == ["db.example", "db.example"]
+    # The first address that works is used; later ones are never tried.
+    _resolve_to(monkeypatch, "db.example", [("127.0.0.1", pg.port), ("127.0.0.1", dead)])
+    facts, reply = run(connect_and_greet(t))
+    assert facts.tls and reply == b"R"
     # Every address failing: the last error is the one raised.
     calls = _resolve_to(monkeypatch, "db.example", [("127.0.0.1", pg.port), ("127.0.0.1", dead)])
     with pytest.raises(UpstreamError) as info:
@@ -355,18 +339,24 @@ async def fake_server(handler: Handler) -> AsyncIterator[tuple[int, list[bytes]]
 
 
 async def _fake_connect(
-    handler: Handler, mode: str, *, greet: bool = False, **kw: Any
+    handler: Handler,
+    mode: str,
+    *,
+    greet: bool = False,
+    seen: Callable[[], bool] | None = None,
+    **kw: Any,
 ) -> tuple[UpstreamFacts | UpstreamError, list[bytes]]:
-    """Connect to a fake server; with `greet`, send a StartupMessage and wait until it is seen."""
+    """Connect to a fake server; with `greet`, send a StartupMessage and wait until it is seen
+    (by default: as the first bytes of another connection; else when `seen()` says so)."""
     async with fake_server(handler) as (port, firsts):
         t = UpstreamTarget(host="127.0.0.1", port=port, sslmode=SslMode(mode))
         try:
             transport, _, facts = await connect(t, **kw)
-            seen = len(firsts)
+            before = len(firsts)
             if greet:
                 transport.write(startup_message("app", "app"))
                 for _ in range(200):
-                    if len(firsts) > seen:
+                    if (seen() if seen else len(firsts) > before):
                         break
                     await asyncio.sleep(0.01)
             transport.close()
@@ -398,6 +388,30 @@ def test_unencrypted_bytes_after_s_are_refused(run: Any) -> None:
     err, _ = run(_fake_connect(inject, "require"))
     assert isinstance(err, UpstreamError) and err.kind == "protocol"
     assert str(err).endswith("received unencrypted data after SSL response")
+
+
+def test_server_without_ssl(run: Any) -> None:
+    """A server with ssl=off answers 'N' (PostgreSQL docs 55.2.10): an error for require and the
+    verify modes, plaintext on the same connection for prefer. (The pg fixture's start() insists
+    on a TLS connection, so a real ssl=off cluster cannot be started from it yet.)"""
+
+    async def no(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"N")
+        await writer.drain()
+        firsts_after_n.append(await reader.readexactly(8))
+
+    for mode in ("require", "verify-ca", "verify-full"):
+        firsts_after_n: list[bytes] = []
+        err, _ = run(_fake_connect(no, mode, ssl_context=ssl.create_default_context()))
+        assert isinstance(err, UpstreamError) and err.kind == "ssl_not_supported", mode
+        assert str(err).endswith("server does not support SSL, but SSL was required")
+    firsts_after_n = []
+    facts, firsts = run(
+        _fake_connect(no, "prefer", greet=True, seen=lambda: bool(firsts_after_n))
+    )
+    assert isinstance(facts, UpstreamFacts) and facts.tls is False
+    assert firsts == [SSL_REQUEST]
+    assert firsts_after_n == [startup_message("app", "app")[:8]]  # same connection, plaintext
 
 
 def test_junk_answer_to_ssl_request(run: Any) -> None:

@@ -57,67 +57,212 @@ RECOVERY = "57P03 the database system is in recovery mode"
 
 TABLE: list[tuple[str, Evidence, DropCause]] = [
     # 1-3: the server named its own timeout
-    ("57P05", ev(fatal("57P05", "terminating connection due to idle-session timeout")), C.IDLE_SESSION_TIMEOUT),
-    ("57P05 text only", ev(Observed("fatal", message="terminating connection due to idle-session timeout")), C.IDLE_SESSION_TIMEOUT),
-    ("25P03", ev(fatal("25P03", "terminating connection due to idle-in-transaction timeout"), state="in_transaction"), C.IDLE_IN_TRANSACTION_TIMEOUT),
-    ("25P04", ev(fatal("25P04", "terminating connection due to transaction timeout"), state="in_transaction"), C.TRANSACTION_TIMEOUT),
-    ("57P05 beats a failover seen later", ev(fatal("57P05", "x"), ok(address_changed=True)), C.IDLE_SESSION_TIMEOUT),
+    (
+        "57P05",
+        ev(fatal("57P05", "terminating connection due to idle-session timeout")),
+        C.IDLE_SESSION_TIMEOUT,
+    ),
+    (
+        "57P05 text only",
+        ev(Observed("fatal", message="terminating connection due to idle-session timeout")),
+        C.IDLE_SESSION_TIMEOUT,
+    ),
+    (
+        "25P03",
+        ev(
+            fatal("25P03", "terminating connection due to idle-in-transaction timeout"),
+            state="in_transaction",
+        ),
+        C.IDLE_IN_TRANSACTION_TIMEOUT,
+    ),
+    (
+        "25P04",
+        ev(
+            fatal("25P04", "terminating connection due to transaction timeout"),
+            state="in_transaction",
+        ),
+        C.TRANSACTION_TIMEOUT,
+    ),
+    (
+        "57P05 beats a failover seen later",
+        ev(fatal("57P05", "x"), ok(address_changed=True)),
+        C.IDLE_SESSION_TIMEOUT,
+    ),
     # 4: PgBouncer
-    ("pgbouncer server conn crashed", ev(fatal("08P01", "server conn crashed?")), C.UPSTREAM_POOLER),
+    (
+        "pgbouncer server conn crashed",
+        ev(fatal("08P01", "server conn crashed?")),
+        C.UPSTREAM_POOLER,
+    ),
     ("pgbouncer client_idle_timeout", ev(fatal("08P01", "client_idle_timeout")), C.UPSTREAM_POOLER),
-    ("pgbouncer query_wait_timeout", ev(fatal("08P01", "query_wait_timeout"), state="request_in_flight"), C.UPSTREAM_POOLER),
-    ("pgbouncer idle transaction timeout", ev(fatal("08P01", "idle transaction timeout"), state="in_transaction"), C.UPSTREAM_POOLER),
-    ("pgbouncer login failing", ev(fatal("08P01", "server login has been failing, try again later (server_login_retry)")), C.UPSTREAM_POOLER),
-    ("pgbouncer cannot connect (old)", ev(fatal("08P01", "pgbouncer cannot connect to server")), C.UPSTREAM_POOLER),
+    (
+        "pgbouncer query_wait_timeout",
+        ev(fatal("08P01", "query_wait_timeout"), state="request_in_flight"),
+        C.UPSTREAM_POOLER,
+    ),
+    (
+        "pgbouncer idle transaction timeout",
+        ev(fatal("08P01", "idle transaction timeout"), state="in_transaction"),
+        C.UPSTREAM_POOLER,
+    ),
+    (
+        "pgbouncer login failing",
+        ev(fatal("08P01", "server login has been failing, try again later (server_login_retry)")),
+        C.UPSTREAM_POOLER,
+    ),
+    (
+        "pgbouncer cannot connect (old)",
+        ev(fatal("08P01", "pgbouncer cannot connect to server")),
+        C.UPSTREAM_POOLER,
+    ),
     # 5: failover
     ("address changed", ev(EOF_BARE, ok(address_changed=True)), C.FAILOVER),
     ("read-only now", ev(fatal("57P01", ADMIN), ok(read_only_now=True)), C.FAILOVER),
-    ("failover beats certificate change", ev(EOF_BARE, ok(address_changed=True, certificate_changed=True)), C.FAILOVER),
+    (
+        "failover beats certificate change",
+        ev(EOF_BARE, ok(address_changed=True, certificate_changed=True)),
+        C.FAILOVER,
+    ),
     # 6: crash said
-    ("57P02 warning then eof", ev(warn_eof("57P02", "terminating connection because of crash of another server process")), C.SERVER_CRASH),
-    ("crash text, no sqlstate", ev(Observed("eof", message="terminating connection because of crash of another server process")), C.SERVER_CRASH),
-    ("postmaster died", ev(fatal("57P01", "terminating connection due to unexpected postmaster exit")), C.SERVER_CRASH),
+    (
+        "57P02 warning then eof",
+        ev(warn_eof("57P02", "terminating connection because of crash of another server process")),
+        C.SERVER_CRASH,
+    ),
+    (
+        "crash text, no sqlstate",
+        ev(
+            Observed(
+                "eof", message="terminating connection because of crash of another server process"
+            )
+        ),
+        C.SERVER_CRASH,
+    ),
+    (
+        "postmaster died",
+        ev(fatal("57P01", "terminating connection due to unexpected postmaster exit")),
+        C.SERVER_CRASH,
+    ),
     # 7: certificate rotated
-    ("new certificate after terminate", ev(fatal("57P01", ADMIN), ok(postmaster_start_changed=False, certificate_changed=True)), C.CERTIFICATE_ROTATED),
-    ("new certificate after restart", ev(fatal("57P01", ADMIN), ok(3, errors=[STARTING], postmaster_start_changed=True, certificate_changed=True)), C.CERTIFICATE_ROTATED),
-    ("new certificate after bare eof", ev(EOF_BARE, ok(certificate_changed=True)), C.CERTIFICATE_ROTATED),
+    (
+        "new certificate after terminate",
+        ev(fatal("57P01", ADMIN), ok(postmaster_start_changed=False, certificate_changed=True)),
+        C.CERTIFICATE_ROTATED,
+    ),
+    (
+        "new certificate after restart",
+        ev(
+            fatal("57P01", ADMIN),
+            ok(3, errors=[STARTING], postmaster_start_changed=True, certificate_changed=True),
+        ),
+        C.CERTIFICATE_ROTATED,
+    ),
+    (
+        "new certificate after bare eof",
+        ev(EOF_BARE, ok(certificate_changed=True)),
+        C.CERTIFICATE_ROTATED,
+    ),
     # 8: immediate shutdown
-    ("immediate shutdown warning", ev(warn_eof("57P01", "terminating connection due to immediate shutdown command")), C.SERVER_RESTART),
+    (
+        "immediate shutdown warning",
+        ev(warn_eof("57P01", "terminating connection due to immediate shutdown command")),
+        C.SERVER_RESTART,
+    ),
     # 9: recovery seen
-    ("bare eof then recovery mode", ev(EOF_BARE, ok(4, errors=[RECOVERY, RECOVERY, "ECONNREFUSED"])), C.SERVER_CRASH),
+    (
+        "bare eof then recovery mode",
+        ev(EOF_BARE, ok(4, errors=[RECOVERY, RECOVERY, "ECONNREFUSED"])),
+        C.SERVER_CRASH,
+    ),
     ("reset then in_recovery flag", ev(RESET, ok(in_recovery_seen=True)), C.SERVER_CRASH),
     # 10: 57P01 with restart signs
-    ("57P01 + postmaster changed", ev(fatal("57P01", ADMIN), ok(postmaster_start_changed=True)), C.SERVER_RESTART),
-    ("57P01 + 57P03 starting up first", ev(fatal("57P01", ADMIN), ok(3, errors=[STARTING, STARTING])), C.SERVER_RESTART),
-    ("57P01 + refused first", ev(fatal("57P01", ADMIN), ok(5, errors=["ECONNREFUSED"] * 4)), C.SERVER_RESTART),
-    ("57P01 + reconnect never succeeded", ev(fatal("57P01", ADMIN), failed("ETIMEDOUT")), C.SERVER_RESTART),
+    (
+        "57P01 + postmaster changed",
+        ev(fatal("57P01", ADMIN), ok(postmaster_start_changed=True)),
+        C.SERVER_RESTART,
+    ),
+    (
+        "57P01 + 57P03 starting up first",
+        ev(fatal("57P01", ADMIN), ok(3, errors=[STARTING, STARTING])),
+        C.SERVER_RESTART,
+    ),
+    (
+        "57P01 + refused first",
+        ev(fatal("57P01", ADMIN), ok(5, errors=["ECONNREFUSED"] * 4)),
+        C.SERVER_RESTART,
+    ),
+    (
+        "57P01 + reconnect never succeeded",
+        ev(fatal("57P01", ADMIN), failed("ETIMEDOUT")),
+        C.SERVER_RESTART,
+    ),
     # 11: 57P01 otherwise
-    ("57P01, server unchanged, at once", ev(fatal("57P01", ADMIN), ok(postmaster_start_changed=False)), C.ADMIN_TERMINATE),
+    (
+        "57P01, server unchanged, at once",
+        ev(fatal("57P01", ADMIN), ok(postmaster_start_changed=False)),
+        C.ADMIN_TERMINATE,
+    ),
     ("57P01, no reconnect evidence", ev(fatal("57P01", ADMIN)), C.ADMIN_TERMINATE),
     ("57P01 text only", ev(Observed("fatal", message=ADMIN), ok()), C.ADMIN_TERMINATE),
     # 12: restart signs after a plain end
-    ("bare eof + postmaster changed", ev(EOF_BARE, ok(2, errors=["ECONNREFUSED"], postmaster_start_changed=True)), C.SERVER_RESTART),
+    (
+        "bare eof + postmaster changed",
+        ev(EOF_BARE, ok(2, errors=["ECONNREFUSED"], postmaster_start_changed=True)),
+        C.SERVER_RESTART,
+    ),
     ("bare eof + 57P03 first", ev(EOF_BARE, ok(2, errors=[STARTING])), C.SERVER_RESTART),
-    ("reset + refused first", ev(RESET, ok(2, errors=["ECONNREFUSED connection refused"])), C.SERVER_RESTART),
+    (
+        "reset + refused first",
+        ev(RESET, ok(2, errors=["ECONNREFUSED connection refused"])),
+        C.SERVER_RESTART,
+    ),
     # 13: TLS
     ("tls alert", ev(Observed("tls_error", tls_alert="bad_record_mac")), C.TLS_ERROR),
     # 14: path idle timeout
-    ("timeout after 350 s idle, keepalives off", ev(TIMEOUT, ok(), idle=352.0, keepalive=None, state="request_in_flight"), C.PATH_IDLE_TIMEOUT),
-    ("timeout with keepalive 600 s", ev(TIMEOUT, ok(), idle=640.0, keepalive=600.0), C.PATH_IDLE_TIMEOUT),
-    ("reset after long silence (NAT RST)", ev(RESET, ok(), idle=400.0, keepalive=None, state="request_in_flight"), C.PATH_IDLE_TIMEOUT),
+    (
+        "timeout after 350 s idle, keepalives off",
+        ev(TIMEOUT, ok(), idle=352.0, keepalive=None, state="request_in_flight"),
+        C.PATH_IDLE_TIMEOUT,
+    ),
+    (
+        "timeout with keepalive 600 s",
+        ev(TIMEOUT, ok(), idle=640.0, keepalive=600.0),
+        C.PATH_IDLE_TIMEOUT,
+    ),
+    (
+        "reset after long silence (NAT RST)",
+        ev(RESET, ok(), idle=400.0, keepalive=None, state="request_in_flight"),
+        C.PATH_IDLE_TIMEOUT,
+    ),
     # 15: reset
     ("reset, short keepalive", ev(RESET, ok(), idle=400.0, keepalive=10.0), C.NETWORK_RESET),
     ("reset, short idle", ev(RESET, ok(), idle=2.0, keepalive=None), C.NETWORK_RESET),
     # 16: timeout / unreachable
-    ("keepalive expiry with short keepalive, long idle", ev(TIMEOUT, ok(), idle=300.0, keepalive=10.0), C.NETWORK_TIMEOUT),
+    (
+        "keepalive expiry with short keepalive, long idle",
+        ev(TIMEOUT, ok(), idle=300.0, keepalive=10.0),
+        C.NETWORK_TIMEOUT,
+    ),
     ("keepalive expiry, short idle", ev(TIMEOUT, ok(), idle=25.0), C.NETWORK_TIMEOUT),
-    ("long silence but the path stays dead", ev(TIMEOUT, failed("ETIMEDOUT"), idle=400.0, keepalive=None), C.NETWORK_TIMEOUT),
+    (
+        "long silence but the path stays dead",
+        ev(TIMEOUT, failed("ETIMEDOUT"), idle=400.0, keepalive=None),
+        C.NETWORK_TIMEOUT,
+    ),
     ("unreachable", ev(Observed("unreachable", errno_name="EHOSTUNREACH")), C.NETWORK_TIMEOUT),
     # 17: unknown
     ("bare eof, server unchanged", ev(EOF_BARE, ok(postmaster_start_changed=False)), C.UNKNOWN),
     ("eof with close_notify", ev(Observed("eof", tls_close_notify=True), ok()), C.UNKNOWN),
-    ("other FATAL", ev(fatal("57P04", "terminating connection because database was dropped"), ok()), C.UNKNOWN),
-    ("08P01 from postgres itself is not a pooler", ev(fatal("08P01", "invalid frontend message type 0")), C.UNKNOWN),
+    (
+        "other FATAL",
+        ev(fatal("57P04", "terminating connection because database was dropped"), ok()),
+        C.UNKNOWN,
+    ),
+    (
+        "08P01 from postgres itself is not a pooler",
+        ev(fatal("08P01", "invalid frontend message type 0")),
+        C.UNKNOWN,
+    ),
     ("other kind", ev(Observed("other", errno_name="EBADF")), C.UNKNOWN),
 ]
 
@@ -150,7 +295,9 @@ def test_too_many_connections_is_secondary_and_primary_kept() -> None:
 
 
 def test_remaining_slots_text_counts_as_too_many() -> None:
-    r = failed("FATAL remaining connection slots are reserved for roles with the SUPERUSER attribute")
+    r = failed(
+        "FATAL remaining connection slots are reserved for roles with the SUPERUSER attribute"
+    )
     got = classify(ev(EOF_BARE, r))
     assert C.TOO_MANY_CONNECTIONS in got.secondary
 

@@ -47,8 +47,15 @@ def make(
         sidecar="pod-a/1",
         client=ClientInfo("10.0.0.5:40112", "billing", "app", "shop"),
         upstream=UpstreamInfo(
-            "db.internal", "10.1.2.3", 5432, 4242, "15.4", "TLSv1.3", "TLS_AES_256_GCM_SHA384",
-            "ab" * 32, "2026-06-01T00:00:00Z",
+            "db.internal",
+            "10.1.2.3",
+            5432,
+            4242,
+            "15.4",
+            "TLSv1.3",
+            "TLS_AES_256_GCM_SHA384",
+            "ab" * 32,
+            "2026-06-01T00:00:00Z",
         ),
         connected_at=time - 3600.0,
         client_idle_s=11.0,
@@ -70,13 +77,33 @@ def test_round_trip() -> None:
 def test_every_design_field_is_present_in_order() -> None:
     data = json.loads(make().to_json())
     assert list(data)[:15] == [
-        "time", "sidecar", "client", "upstream", "connected_at", "age_s", "idle_s",
-        "client_idle_s", "state", "observed", "reconnect", "impact", "cause", "evidence", "hint",
+        "time",
+        "sidecar",
+        "client",
+        "upstream",
+        "connected_at",
+        "age_s",
+        "idle_s",
+        "client_idle_s",
+        "state",
+        "observed",
+        "reconnect",
+        "impact",
+        "cause",
+        "evidence",
+        "hint",
     ]
     assert set(data["client"]) == {"addr", "application_name", "user", "database"}
     assert set(data["upstream"]) == {
-        "host", "address", "port", "backend_pid", "server_version", "tls_version", "tls_cipher",
-        "cert_fingerprint_sha256", "cert_not_after",
+        "host",
+        "address",
+        "port",
+        "backend_pid",
+        "server_version",
+        "tls_version",
+        "tls_cipher",
+        "cert_fingerprint_sha256",
+        "cert_not_after",
     }
     assert data["time"] == "2025-11-26T00:14:07.125Z"
     assert data["cause"] == "server_restart"

@@ -117,12 +117,25 @@ def test_story_json_schema(tmp_path: Path) -> None:
     assert code == 0
     data = json.loads(out)
     assert set(data) >= {
-        "count", "first", "last", "span_s", "sidecars", "by_cause", "timeline", "idle_clusters",
-        "events", "hints", "impact", "secondary", "malformed",
+        "count",
+        "first",
+        "last",
+        "span_s",
+        "sidecars",
+        "by_cause",
+        "timeline",
+        "idle_clusters",
+        "events",
+        "hints",
+        "impact",
+        "secondary",
+        "malformed",
     }
     assert data["count"] == 47 and data["sidecars"] == 6 and data["malformed"] == 0
     assert data["by_cause"][0] == {
-        "cause": "path_idle_timeout", "phrase": DropCause.PATH_IDLE_TIMEOUT.phrase, "count": 44,
+        "cause": "path_idle_timeout",
+        "phrase": DropCause.PATH_IDLE_TIMEOUT.phrase,
+        "count": 44,
     }
     [cluster] = data["idle_clusters"]
     assert cluster["count"] == 38 and abs(cluster["idle_s"] - 350) <= 2
@@ -133,15 +146,21 @@ def test_story_json_schema(tmp_path: Path) -> None:
     assert data["timeline"]["bucket"] == "hour"
     assert sum(row["count"] for row in data["timeline"]["rows"]) == 47
     assert {h["cause"]: h["count"] for h in data["hints"]} == {
-        "path_idle_timeout": 44, "server_restart": 3,
+        "path_idle_timeout": 44,
+        "server_restart": 3,
     }
 
 
 def test_six_sidecars_in_the_same_second(tmp_path: Path) -> None:
     t = DAY0 + 3600.4
     recs = [
-        rec(t + k * 0.15, cause=DropCause.SERVER_CRASH, sidecar=f"pod{k}", idle=5.0 * k,
-            evidence=("kind=eof", "in_recovery_seen"))
+        rec(
+            t + k * 0.15,
+            cause=DropCause.SERVER_CRASH,
+            sidecar=f"pod{k}",
+            idle=5.0 * k,
+            evidence=("kind=eof", "in_recovery_seen"),
+        )
         for k in range(6)
     ]
     recs.append(rec(t + 30, cause=DropCause.ADMIN_TERMINATE, sidecar="pod1"))  # unrelated
@@ -283,7 +302,9 @@ def test_cluster_at_keepalive_idle_blames_a_shorter_device(tmp_path: Path) -> No
 
 
 def test_server_timeout_cluster_names_the_setting(tmp_path: Path) -> None:
-    recs = [rec(DAY0 + k * 100.0, idle=300.2, cause=DropCause.IDLE_SESSION_TIMEOUT) for k in range(3)]
+    recs = [
+        rec(DAY0 + k * 100.0, idle=300.2, cause=DropCause.IDLE_SESSION_TIMEOUT) for k in range(3)
+    ]
     _, out, _ = run([str(write(tmp_path / "a.jsonl", recs))])
     assert "the server's idle_session_timeout is about 300 s" in out
 

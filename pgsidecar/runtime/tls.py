@@ -171,6 +171,7 @@ def local_server_context(listen: ListenConfig) -> ssl.SSLContext | None:
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols([ALPN_POSTGRESQL])  # as PostgreSQL 17's server; no ALPN is fine too
     if listen.tls_cert or listen.tls_key:
         if not (listen.tls_cert and listen.tls_key):
             raise TlsConfigError("listen.tls_cert and listen.tls_key must be given together")
@@ -251,7 +252,9 @@ def _is_ip_literal(host: str) -> bool:
     return True
 
 
-def _load_root(ctx: ssl.SSLContext, target: UpstreamTarget, mode: SslMode, home: str | None) -> bool:
+def _load_root(
+    ctx: ssl.SSLContext, target: UpstreamTarget, mode: SslMode, home: str | None
+) -> bool:
     """Load the root certificate(s) libpq would use; True when the server is then checked."""
     if target.sslrootcert == "system":
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
@@ -266,7 +269,8 @@ def _load_root(ctx: ssl.SSLContext, target: UpstreamTarget, mode: SslMode, home:
     if mode in (SslMode.VERIFY_CA, SslMode.VERIFY_FULL):
         if path is None:
             raise TlsConfigError(
-                "could not get home directory to locate root certificate file; " + _NO_ROOT_CERT_HINT
+                "could not get home directory to locate root certificate file; "
+                + _NO_ROOT_CERT_HINT
             )
         raise TlsConfigError(f'root certificate file "{path}" does not exist; {_NO_ROOT_CERT_HINT}')
     if target.sslrootcert:

@@ -94,7 +94,9 @@ class UpstreamError(Exception):
         return self.message
 
     def __repr__(self) -> str:
-        return f"UpstreamError(kind={self.kind!r}, errno_name={self.errno_name!r}, {self.message!r})"
+        return (
+            f"UpstreamError(kind={self.kind!r}, errno_name={self.errno_name!r}, {self.message!r})"
+        )
 
 
 class _HandshakeFailed(Exception):
@@ -448,7 +450,9 @@ async def _open_unix(dial: _Dial) -> tuple[asyncio.Transport, asyncio.Protocol, 
         sock.close()
         if e.errno is not None:
             raise _os_error(e, target, path) from e
-        raise UpstreamError("timeout", _prefix(target, path) + "timeout expired", address=path) from None
+        raise UpstreamError(
+            "timeout", _prefix(target, path) + "timeout expired", address=path
+        ) from None
     except OSError as e:
         sock.close()
         raise _os_error(e, target, path) from e
@@ -465,7 +469,8 @@ def _os_error(e: OSError, target: UpstreamTarget, address: str) -> UpstreamError
     prefix = _prefix(target, address)
     if isinstance(e, ssl.SSLCertVerificationError):
         reason = e.verify_message or e.reason or str(e)
-        return UpstreamError("tls", prefix + f"SSL error: certificate verify failed: {reason}", address=address)
+        text = f"SSL error: certificate verify failed: {reason}"
+        return UpstreamError("tls", prefix + text, address=address)
     if isinstance(e, ssl.SSLError):
         return UpstreamError("tls", prefix + f"SSL error: {e.reason or e}", address=address)
     name = errno.errorcode.get(e.errno) if e.errno is not None else None

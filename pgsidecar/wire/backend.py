@@ -15,31 +15,12 @@ from typing import ClassVar, Self
 from pgsidecar.wire.errors import PayloadReader, ServerProtocolError, cstring, typed_message
 
 __all__ = [
-    "AuthenticationOk",
-    "AuthenticationCleartextPassword",
-    "AuthenticationMD5Password",
-    "AuthenticationSASL",
-    "AuthenticationSASLContinue",
-    "AuthenticationSASLFinal",
-    "Authentication",
-    "decode_authentication",
-    "ParameterStatus",
-    "BackendKeyData",
-    "ReadyForQuery",
-    "ErrorResponse",
-    "NoticeResponse",
-    "error_fields",
-    "CommandComplete",
-    "NegotiateProtocolVersion",
-    "NotificationResponse",
-    "ParseComplete",
-    "BindComplete",
-    "CloseComplete",
-    "EmptyQueryResponse",
-    "NoData",
-    "RowDescription",
-    "DataRow",
-    "BY_TYPE",
+    "AuthenticationOk", "AuthenticationCleartextPassword", "AuthenticationMD5Password",
+    "AuthenticationSASL", "AuthenticationSASLContinue", "AuthenticationSASLFinal",
+    "Authentication", "decode_authentication", "ParameterStatus", "BackendKeyData",
+    "ReadyForQuery", "ErrorResponse", "NoticeResponse", "error_fields", "CommandComplete",
+    "NegotiateProtocolVersion", "NotificationResponse", "ParseComplete", "BindComplete",
+    "CloseComplete", "EmptyQueryResponse", "NoData", "RowDescription", "DataRow", "BY_TYPE",
 ]
 
 _INT16 = struct.Struct("!h")
@@ -60,38 +41,34 @@ def _auth(code: int, body: bytes = b"") -> bytes:
     return typed_message(b"R", _INT32.pack(code) + body)
 
 
+class _AuthBare:
+    """Authentication requests that are the code and nothing more."""
+
+    __slots__ = ()
+    TYPE: ClassVar[bytes] = b"R"
+    CODE: ClassVar[int]
+
+    def encode(self) -> bytes:
+        return _auth(self.CODE)
+
+    @classmethod
+    def decode(cls, payload: bytes | memoryview) -> Self:
+        _expect_auth(payload, cls.CODE, cls.__name__).end()
+        return cls()
+
+
 @dataclass(frozen=True, slots=True)
-class AuthenticationOk:
+class AuthenticationOk(_AuthBare):
     """Authentication succeeded; ParameterStatus, BackendKeyData and ReadyForQuery follow."""
 
-    TYPE: ClassVar[bytes] = b"R"
     CODE: ClassVar[int] = 0
-
-    def encode(self) -> bytes:
-        return _auth(self.CODE)
-
-    @classmethod
-    def decode(cls, payload: bytes | memoryview) -> Self:
-        r = _expect_auth(payload, cls.CODE, "AuthenticationOk")
-        r.end()
-        return cls()
 
 
 @dataclass(frozen=True, slots=True)
-class AuthenticationCleartextPassword:
+class AuthenticationCleartextPassword(_AuthBare):
     """The server wants the password in clear text (a PasswordMessage)."""
 
-    TYPE: ClassVar[bytes] = b"R"
     CODE: ClassVar[int] = 3
-
-    def encode(self) -> bytes:
-        return _auth(self.CODE)
-
-    @classmethod
-    def decode(cls, payload: bytes | memoryview) -> Self:
-        r = _expect_auth(payload, cls.CODE, "AuthenticationCleartextPassword")
-        r.end()
-        return cls()
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,38 +113,36 @@ class AuthenticationSASL:
         return cls(tuple(mechanisms))
 
 
+class _AuthData:
+    """Authentication requests whose payload after the code is opaque SASL data."""
+
+    __slots__ = ()
+    TYPE: ClassVar[bytes] = b"R"
+    CODE: ClassVar[int]
+    data: bytes
+
+    def encode(self) -> bytes:
+        return _auth(self.CODE, self.data)
+
+    @classmethod
+    def decode(cls, payload: bytes | memoryview) -> Self:
+        return cls(_expect_auth(payload, cls.CODE, cls.__name__).rest())  # type: ignore[call-arg]
+
+
 @dataclass(frozen=True, slots=True)
-class AuthenticationSASLContinue:
+class AuthenticationSASLContinue(_AuthData):
     """A SASL challenge (for SCRAM, the server-first-message)."""
 
     data: bytes
-
-    TYPE: ClassVar[bytes] = b"R"
     CODE: ClassVar[int] = 11
-
-    def encode(self) -> bytes:
-        return _auth(self.CODE, self.data)
-
-    @classmethod
-    def decode(cls, payload: bytes | memoryview) -> Self:
-        return cls(_expect_auth(payload, cls.CODE, "AuthenticationSASLContinue").rest())
 
 
 @dataclass(frozen=True, slots=True)
-class AuthenticationSASLFinal:
+class AuthenticationSASLFinal(_AuthData):
     """The SASL outcome (for SCRAM, the server-final-message with the server signature)."""
 
     data: bytes
-
-    TYPE: ClassVar[bytes] = b"R"
     CODE: ClassVar[int] = 12
-
-    def encode(self) -> bytes:
-        return _auth(self.CODE, self.data)
-
-    @classmethod
-    def decode(cls, payload: bytes | memoryview) -> Self:
-        return cls(_expect_auth(payload, cls.CODE, "AuthenticationSASLFinal").rest())
 
 
 def _expect_auth(payload: bytes | memoryview, code: int, what: str) -> PayloadReader:

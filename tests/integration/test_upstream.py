@@ -75,7 +75,9 @@ def startup_message(user: str, dbname: str) -> bytes:
     return struct.pack("!i", len(body) + 4) + body
 
 
-async def first_reply_type(transport: asyncio.Transport, proto: Collect, dbname: str = "app") -> bytes:
+async def first_reply_type(
+    transport: asyncio.Transport, proto: Collect, dbname: str = "app"
+) -> bytes:
     """Send a StartupMessage; the server's first message type ('R' = authentication request)."""
     transport.write(startup_message("app", dbname))
     for _ in range(100):
@@ -155,7 +157,8 @@ def test_verify_ca_with_the_right_and_a_wrong_ca(pg: PgCluster, run: Any, tmp_pa
         run(connect(target(pg, "verify-ca", sslrootcert=wrong.ca_cert)))
     assert info.value.kind == "tls"
     assert "certificate verify failed" in str(info.value)
-    assert str(info.value).startswith(f'connection to server at "127.0.0.1", port {pg.port} failed: ')
+    lead = f'connection to server at "127.0.0.1", port {pg.port} failed: '
+    assert str(info.value).startswith(lead)
 
 
 def test_prefer_with_a_wrong_root_cert_falls_back_to_plaintext(
@@ -190,11 +193,14 @@ def _fake_getaddrinfo(
     return fake
 
 
-def _resolve_to(monkeypatch: pytest.MonkeyPatch, name: str, entries: list[tuple[str, int]]) -> list[str]:
+def _resolve_to(
+    monkeypatch: pytest.MonkeyPatch, name: str, entries: list[tuple[str, int]]
+) -> list[str]:
     """Make `name` resolve to `entries` (address, port) on any loop; returns the call log."""
     calls: list[str] = []
     for cls in (asyncio.BaseEventLoop, uvloop.Loop):
-        monkeypatch.setattr(cls, "getaddrinfo", _fake_getaddrinfo(cls.getaddrinfo, name, entries, calls))
+        fake = _fake_getaddrinfo(cls.getaddrinfo, name, entries, calls)
+        monkeypatch.setattr(cls, "getaddrinfo", fake)
     return calls
 
 
@@ -212,7 +218,8 @@ def test_verify_full_rejects_a_name_the_certificate_lacks(
     assert 'connection to server at "db.example" (127.0.0.1)' in str(info.value)
     assert "db.example" in str(info.value).split("failed:", 1)[1]
     # verify-ca does not check names: the same server is fine.
-    facts, reply = run(connect_and_greet(target(pg, "verify-ca", host="db.example", sslrootcert=pg.pki.ca_cert)))
+    t = target(pg, "verify-ca", host="db.example", sslrootcert=pg.pki.ca_cert)
+    facts, reply = run(connect_and_greet(t))
     assert facts.tls and reply == b"R" and facts.address == "127.0.0.1"
 
 
@@ -245,7 +252,8 @@ def test_refused_port_fails_fast(run: Any) -> None:
         run(connect(t, timeout_s=10))
     assert time.monotonic() - start < 2
     assert info.value.kind == "refused" and info.value.errno_name == "ECONNREFUSED"
-    assert str(info.value) == f'connection to server at "127.0.0.1", port {port} failed: Connection refused'
+    lead = f'connection to server at "127.0.0.1", port {port} failed: '
+    assert str(info.value) == lead + "Connection refused"
 
 
 def test_unknown_host_is_a_dns_error(run: Any) -> None:
@@ -253,7 +261,8 @@ def test_unknown_host_is_a_dns_error(run: Any) -> None:
     with pytest.raises(UpstreamError) as info:
         run(connect(t, timeout_s=10))
     assert info.value.kind == "dns"
-    assert str(info.value).startswith('could not translate host name "no-such-host.invalid" to address')
+    expected = 'could not translate host name "no-such-host.invalid" to address'
+    assert str(info.value).startswith(expected)
 
 
 def test_dns_is_resolved_on_every_call_and_addresses_tried_in_order(
@@ -280,7 +289,9 @@ def test_dns_is_resolved_on_every_call_and_addresses_tried_in_order(
 # -- keepalive and TCP_INFO on the live socket ----------------------------------------------------
 
 
-async def _socket_report(t: UpstreamTarget, keepalive: KeepaliveConfig) -> tuple[dict[str, int], dict[str, int] | None]:
+async def _socket_report(
+    t: UpstreamTarget, keepalive: KeepaliveConfig
+) -> tuple[dict[str, int], dict[str, int] | None]:
     transport, proto, _ = await connect(t, keepalive=keepalive)
     try:
         await first_reply_type(transport, proto)  # some traffic, so rtt is measured
@@ -440,7 +451,9 @@ def test_handshake_failure_under_prefer_retries_in_plaintext(run: Any) -> None:
 
     calls = 0
 
-    async def first_tls_then_plain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def first_tls_then_plain(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
@@ -466,12 +479,16 @@ def test_silent_server_times_out(run: Any) -> None:
     ("host", "sslsni", "expected"),
     [("localhost", True, "localhost"), ("localhost", False, None), ("127.0.0.1", True, None)],
 )
-def test_sni_follows_sslsni(run: Any, tmp_path: Any, host: str, sslsni: bool, expected: str | None) -> None:
+def test_sni_follows_sslsni(run: Any, host: str, sslsni: bool, expected: str | None) -> None:
     """A fake TLS server records the SNI name: sent for a name when sslsni=1, never for an IP."""
     seen: list[str | None] = []
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     load_pem_chain(server_ctx, *generate_local_certificate())
-    server_ctx.sni_callback = lambda _obj, name, _ctx: seen.append(name)  # type: ignore[assignment,misc,func-returns-value]
+
+    def record_sni(_obj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+        seen.append(name)
+
+    server_ctx.sni_callback = record_sni  # type: ignore[assignment]
 
     async def tls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"S")

@@ -49,7 +49,8 @@ def _der(cert_pem: bytes) -> bytes:
 
 
 def _target(mode: str, **kw: object) -> UpstreamTarget:
-    return UpstreamTarget(host=str(kw.pop("host", "localhost")), sslmode=SslMode(mode), **kw)  # type: ignore[arg-type]
+    host = str(kw.pop("host", "localhost"))
+    return UpstreamTarget(host=host, sslmode=SslMode(mode), **kw)  # type: ignore[arg-type]
 
 
 def _write(path: Path, data: bytes, mode: int) -> str:
@@ -60,7 +61,7 @@ def _write(path: Path, data: bytes, mode: int) -> str:
 
 
 def _handshake(client: ssl.SSLContext, server: ssl.SSLContext, server_hostname: str | None) -> str:
-    """Run a TLS handshake in memory; returns the negotiated version or raises the client's error."""
+    """A TLS handshake in memory; returns the negotiated version or raises the client's error."""
     c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
     cli = client.wrap_bio(c_in, c_out, server_side=False, server_hostname=server_hostname)
     srv = server.wrap_bio(s_in, s_out, server_side=True)
@@ -153,7 +154,9 @@ def test_verify_full_checks_chain_and_name(pki: TestPKI, tmp_path: Path) -> None
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
 
 
-def test_verify_full_without_sni_leaves_the_name_check_to_upstream(pki: TestPKI, tmp_path: Path) -> None:
+def test_verify_full_without_sni_leaves_the_name_check_to_upstream(
+    pki: TestPKI, tmp_path: Path
+) -> None:
     """Python checks names only together with SNI; with sslsni=0 upstream.py checks afterwards."""
     by_name = upstream_context(
         _target("verify-full", sslrootcert=pki.ca_cert, sslsni=False), home=str(tmp_path)
@@ -250,7 +253,9 @@ def test_generated_local_context_verifies_for_loopback_names(
     assert server.minimum_version == ssl.TLSVersion.TLSv1_2
     assert list(tmp_path.iterdir()) == []  # the key's temp directory is gone
     # A client that trusts nothing still encrypts (sslmode=require) ...
-    assert _handshake(upstream_context(_target("require"), home=str(tmp_path)), server, None)  # type: ignore[arg-type]
+    client = upstream_context(_target("require"), home=str(tmp_path))
+    assert client is not None
+    assert _handshake(client, server, None)
 
 
 def test_generated_certificate_passes_verify_full_only_for_its_names(
@@ -262,10 +267,12 @@ def test_generated_certificate_passes_verify_full_only_for_its_names(
     _write(tmp_path / "k" / "local.key", key_pem, 0o600)
     server.load_cert_chain(root, str(tmp_path / "k" / "local.key"))
     for host in ("localhost", "127.0.0.1", "::1"):
-        ctx = upstream_context(_target("verify-full", host=host, sslrootcert=root), home=str(tmp_path))
+        t = _target("verify-full", host=host, sslrootcert=root)
+        ctx = upstream_context(t, home=str(tmp_path))
         assert ctx is not None
         assert _handshake(ctx, server, host)
-    ctx = upstream_context(_target("verify-full", host="db.example", sslrootcert=root), home=str(tmp_path))
+    t = _target("verify-full", host="db.example", sslrootcert=root)
+    ctx = upstream_context(t, home=str(tmp_path))
     assert ctx is not None
     with pytest.raises(ssl.SSLCertVerificationError, match="[Hh]ostname mismatch"):
         _handshake(ctx, server, "db.example")

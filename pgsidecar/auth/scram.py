@@ -460,3 +460,12 @@ def tls_server_end_point(cert_der: bytes) -> bytes:
     else:
         raise ValueError(f"no tls-server-end-point hash for signature algorithm {oid}")
     return hashlib.new(name, data).digest()
+
+
+def channel_binding_for(cert_der: bytes) -> bytes | None:
+    """tls-server-end-point data, or None where RFC 5929 defines none (e.g. Ed25519 certificates):
+    the client then says "n,," and PostgreSQL accepts plain SCRAM-SHA-256."""
+    try:
+        return tls_server_end_point(cert_der)
+    except ValueError:
+        return None

@@ -187,7 +187,7 @@ class SidecarConnection:
         out: list[object] = []
         unknown = tuple(k for k in msg.params if k.startswith("_pq_."))
         if msg.protocol != _PROTOCOL_3_0 or unknown:
-            out.append(cmd.SendToClient(be.NegotiateProtocolVersion(0, unknown).encode()))
+            out.append(cmd.SendToClient(be.NegotiateProtocolVersion(fe.PROTOCOL_3_0, unknown).encode()))
         params = {k: v for k, v in msg.params.items() if not k.startswith("_pq_.")}
         if not params.get("user"):
             return out + self._fatal_to_client(

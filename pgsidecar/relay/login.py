@@ -120,13 +120,16 @@ class UpstreamLogin:
 
     def _auth(self, request: object, step: LoginStep) -> bytes:
         if isinstance(request, be.AuthenticationOk):
+            if self._scram is not None and not self._scram.done:
+                # A server that skips SASLFinal never proved it knows the password (RFC 5802).
+                raise ServerProtocolError("AuthenticationOk before the SCRAM exchange completed")
             self._authenticated = True
             return b""
-        if isinstance(request, be.AuthenticationSASLContinue):
-            assert self._scram is not None
-            return fe.SASLResponse(self._scram.continue_(request.data)).encode()
-        if isinstance(request, be.AuthenticationSASLFinal):
-            assert self._scram is not None
+        if isinstance(request, (be.AuthenticationSASLContinue, be.AuthenticationSASLFinal)):
+            if self._scram is None:
+                raise ServerProtocolError(f"{type(request).__name__} without a SASL exchange in progress")
+            if isinstance(request, be.AuthenticationSASLContinue):
+                return fe.SASLResponse(self._scram.continue_(request.data)).encode()
             self._scram.finish(request.data)
             return b""
         if isinstance(

@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Callable
 
-from pgsidecar.auth.scram import tls_server_end_point
+from pgsidecar.auth.scram import channel_binding_for
 from pgsidecar.config.model import Config
 from pgsidecar.relay import events as ev
 from pgsidecar.relay.connection import SessionPolicy
@@ -122,7 +122,7 @@ class Sidecar:
 
     def connected_event(self, facts: UpstreamFacts) -> ev.ServerConnected:
         cert = facts.cert
-        binding = tls_server_end_point(cert.der) if cert is not None else None
+        binding = channel_binding_for(cert.der) if cert is not None else None
         record = {
             "host": facts.host, "address": facts.address, "port": facts.port, "tls": facts.tls,
             "tls_version": facts.tls_version, "tls_cipher": facts.tls_cipher,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from pgsidecar.auth.scram import tls_server_end_point
+from pgsidecar.auth.scram import channel_binding_for
 from pgsidecar.config.model import Config
 from pgsidecar.relay.login import UpstreamLogin
 from pgsidecar.runtime.tls import upstream_context
@@ -53,7 +53,7 @@ async def check_upstream(config: Config, *, user: str | None = None, password: s
     try:
         sock = transport.get_extra_info("socket")
         readback = keepalive_readback(sock) if sock is not None else {}
-        binding = tls_server_end_point(facts.cert.der) if facts.cert is not None else None
+        binding = channel_binding_for(facts.cert.der) if facts.cert is not None else None
         login = UpstreamLogin(params, password or config.auth.password or target.password, channel_binding=binding)
         transport.write(login.start())
         while True:

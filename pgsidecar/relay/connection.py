@@ -394,24 +394,32 @@ class SidecarConnection:
                 if tag_is_dirty(payload):
                     self.book.dirty = True
             elif t == _E or t == _N:
-                self._note_server_error(t, payload)
+                if self._note_server_error(t, payload):
+                    # The server's last words are for pgsidecar, not the client: the session
+                    # rules decide what the client is told (nothing, 08006, 08007 or a FATAL).
+                    raw = bytes([t]) + (len(payload) + 4).to_bytes(4, "big") + payload
+                    data = data.replace(raw, b"", 1)
             elif t == _PS:
                 msg = be.ParameterStatus.decode(payload)
                 self.client_params[msg.name] = msg.value
-        out: list[object] = [cmd.SendToClient(data)]
+        out: list[object] = [cmd.SendToClient(data)] if data else []
         if idle_point and self.pending.status is TxStatus.IDLE and self.server_scan.at_boundary:
             out += self._at_idle_point()
         return out
 
-    def _note_server_error(self, t: int, payload: bytes) -> None:
+    def _note_server_error(self, t: int, payload: bytes) -> bool:
+        """Remember a FATAL, or a 57P* WARNING (PG 14+ warns, then closes); True to withhold it."""
         if t == _E:
             err = be.ErrorResponse.decode(payload)
             if err.severity in ("FATAL", "PANIC"):
                 self.last_fatal = err
-        else:
-            notice = be.NoticeResponse.decode(payload)
-            if notice.code and notice.code.startswith("57P"):
-                self.last_notice = notice
+                return True
+            return False
+        notice = be.NoticeResponse.decode(payload)
+        if notice.code and notice.code.startswith("57P"):
+            self.last_notice = notice
+            return True
+        return False
 
     def _at_idle_point(self) -> list[object]:
         """Nothing owed, no transaction: read the exact session state if it may have changed."""

@@ -7,7 +7,6 @@ Each test has its own cluster and sidecar (`rig_factory`): these faults are dest
 
 from __future__ import annotations
 
-import threading
 import time
 
 import psycopg2
@@ -126,7 +125,6 @@ def test_server_down_5s_while_the_query_waits(rig_factory):
     old = _pid(conn)
     rig.cluster.stop("fast")
     stopped_at = time.monotonic()
-    wait_until(lambda: rig.sidecar.wait_drops(0) or True, 1, "nothing")
     query = RunInThread(lambda: _pid(conn))  # sent during the outage: held by the sidecar
     time.sleep(5.0)
     assert query.finished_at is None, f"the query returned while the server was down: {query.error or query.result}"
@@ -177,9 +175,7 @@ def test_max_connections_reached_during_reconnect(rig_factory):
         assert rig.cluster.terminate(old)
         filler.fire()  # takes back the slot the terminated backend frees
         assert filler.settle_armed() >= 1
-        wait_until(lambda: any("53300" in e for e in _reconnect_errors(rig)), 10,
-                   "a 53300 reconnect error in the sidecar log")
-        time.sleep(1.0)
+        time.sleep(1.0)  # the sidecar retries against a full server meanwhile
     finally:
         filler.release()
     drop = rig.one_drop()
@@ -190,13 +186,6 @@ def test_max_connections_reached_during_reconnect(rig_factory):
     assert drop["cause"] == "admin_terminate", drop
     assert "too_many_connections" in drop["secondary"], drop
     report_reconnect("max_connections reached during reconnect", drop)
-
-
-def _reconnect_errors(rig) -> list[str]:
-    """53300 texts the sidecar logged while the drop is still open (the record comes later)."""
-    return [line for line in rig.sidecar.logs().splitlines() if "53300" in line or "too many clients" in line] or [
-        e for d in rig.sidecar.drops() for e in d["reconnect"]["errors"]
-    ]
 
 
 def test_idle_in_transaction_timeout(rig_factory):

@@ -126,6 +126,7 @@ class ClientDriver(asyncio.Protocol):
         self.feed(ev.ClientConnected(time.monotonic(), time.time(), peer_text, trusted))
 
     def data_received(self, data: bytes) -> None:
+        self.sidecar.tally.client_to_server += len(data)
         self.feed(ev.ClientData(time.monotonic(), data))
 
     def eof_received(self) -> bool:
@@ -157,6 +158,7 @@ class ClientDriver(asyncio.Protocol):
     # ---------------------------------------------------------------- server socket
     def server_data(self, side: ServerSide, data: bytes) -> None:
         if side is self.server:
+            self.sidecar.tally.server_to_client += len(data)
             self.feed(ev.ServerData(time.monotonic(), data))
 
     def server_lost(self, side: ServerSide, exc: Exception | None) -> None:
@@ -183,7 +185,9 @@ class ClientDriver(asyncio.Protocol):
             return
         self.run(commands)
 
-    def run(self, commands: list) -> None:
+    def run(self, commands: list, own: bool = True) -> None:
+        """Carry out commands; `own` says bytes for the client may hold errors pgsidecar made
+        (anything but relayed server data), which are counted by SQLSTATE."""
         for command in commands:
             kind = type(command)
             if kind is cmd.SendToServer:
@@ -192,6 +196,8 @@ class ClientDriver(asyncio.Protocol):
             elif kind is cmd.SendToClient:
                 if self.client is not None:
                     self.client.write(command.data)
+                if own and self.sidecar.on_client_error is not None:
+                    self._count_errors(command.data)
             else:
                 self._other(command)
         if not self.registered and self.brain.first_backend_pid:
@@ -276,6 +282,7 @@ class ClientDriver(asyncio.Protocol):
                 )
         except UpstreamError as exc:
             self.connecting = None
+            self.sidecar.connect_failed(exc)
             if not self.closed:
                 self.feed(ev.ServerConnectFailed(time.monotonic(), exc.kind, str(exc), exc.errno_name))
             return

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from pgsidecar.auth.scram import channel_binding_for
 from pgsidecar.config.model import Config
+from pgsidecar.observe.metrics import Tallies
 from pgsidecar.relay import events as ev
 from pgsidecar.relay.connection import SessionPolicy
 from pgsidecar.relay.recovery import error_bytes
@@ -62,6 +63,9 @@ class Sidecar:
         self.on_drop = on_drop
         self.draining = False
         self.unix_path: str | None = None
+        self.tally = Tallies()  # bytes and clients, bumped per batch, read by /metrics
+        self.on_client_error: Callable[[str], None] | None = None  # SQLSTATE pgsidecar sent
+        self.on_upstream: Callable[[bool, str | None], None] | None = None  # connect outcome
 
     # ---------------------------------------------------------------- listeners
     async def start(self) -> None:
@@ -109,8 +113,11 @@ class Sidecar:
             driver.client.close()
             driver.closed = True
             log.warning("refused a client: %s", text)
+            if self.on_client_error is not None:
+                self.on_client_error(code)
             return False
         self.drivers.add(driver)
+        self.tally.clients_total += 1
         return True
 
     def register(self, driver: ClientDriver) -> None:
@@ -123,6 +130,10 @@ class Sidecar:
     def connected_event(self, facts: UpstreamFacts) -> ev.ServerConnected:
         cert = facts.cert
         binding = channel_binding_for(cert.der) if cert is not None else None
+        if cert is not None:
+            self.tally.cert_not_after = cert.not_after
+        if self.on_upstream is not None:
+            self.on_upstream(True, None)
         record = {
             "host": facts.host, "address": facts.address, "port": facts.port, "tls": facts.tls,
             "tls_version": facts.tls_version, "tls_cipher": facts.tls_cipher,
@@ -131,6 +142,10 @@ class Sidecar:
         }
         return ev.ServerConnected(time.monotonic(), time.time(), facts.address, facts.tls, binding,
                                   cert.fingerprint_sha256 if cert else None, record)
+
+    def connect_failed(self, error: UpstreamError) -> None:
+        if self.on_upstream is not None:
+            self.on_upstream(False, str(error))
 
     def record_drop(self, driver: ClientDriver, info: dict) -> None:
         if self.on_drop is not None:
@@ -168,6 +183,24 @@ class Sidecar:
         except asyncio.TimeoutError:
             pass
         transport.close()
+
+    # ---------------------------------------------------------------- reload
+    def reload(self, config: Config) -> None:
+        """SIGHUP: new sessions get the new policy, TLS contexts and upstream; open sessions keep
+        their sockets. Raises (TlsConfigError, OSError, ssl.SSLError) before changing anything."""
+        client_ctx = local_server_context(config.listen)
+        upstream_ctx = upstream_context(config.upstream.target)
+        if (config.listen.host, config.listen.port, config.listen.unix_socket_dir) != (
+                self.config.listen.host, self.config.listen.port, self.config.listen.unix_socket_dir):
+            log.warning("reload: listen address changes take effect only after a restart")
+        self.config = config
+        self.policy = policy_from_config(config)
+        self.target = config.upstream.target
+        self.keepalive = config.upstream.keepalive
+        self.client_tls_context = client_ctx
+        self.upstream_tls_context = upstream_ctx
+        self.write_limits = (config.relay.high_water_bytes, config.relay.low_water_bytes)
+        self.startup_timeout_s = config.listen.startup_timeout_s
 
     # ---------------------------------------------------------------- drain
     def drain(self) -> None:

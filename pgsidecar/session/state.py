@@ -31,7 +31,9 @@ DIRTY_TAGS = (
 _DIRTY_TAG_HEADS = frozenset(tag[:3] for tag in DIRTY_TAGS)
 
 # Text that changes state without a telling tag (a SELECT that calls set_config or takes a lock).
-_DIRTY_TEXT = re.compile(rb"(?i)set_config|advisory|set\s+session|set\s+role")
+# CREATE TEMP ... AS and SELECT ... INTO TEMP report "SELECT n"; a temporary view or sequence
+# "CREATE VIEW" / "CREATE SEQUENCE": only the text says a temporary object now exists.
+_DIRTY_TEXT = re.compile(rb"(?i)set_config|advisory|set\s+session|set\s+role|\btemp(?:orary)?\b|pg_temp")
 _CUSTOM_SETTING = re.compile(
     rb"(?i)(?:\bset\s+(?:session\s+)?|\breset\s+|set_config\s*\(\s*')([a-z_][a-z0-9_$]*\.[a-z0-9_$.]+)"
 )

@@ -321,7 +321,7 @@ def test_asyncpg_prepared_statements(pg, sidecar):
         conn = await _asyncpg_connect(pg, sidecar)
         try:
             stmt = await conn.prepare("SELECT $1::int + 1, $2::text")
-            assert [await stmt.fetchval(i) for i in range(3)] == [1, 2, 3]
+            assert [await stmt.fetchval(i, "") for i in range(3)] == [1, 2, 3]
             assert await stmt.fetchrow(41, "x") == (42, "x")
             names = await conn.fetch("SELECT name FROM pg_prepared_statements")
             assert any(r["name"].startswith("__asyncpg_stmt_") for r in names), names
@@ -363,8 +363,13 @@ def test_asyncpg_query_cancelled_by_timeout(pg, sidecar):
                 await conn.fetch("SELECT pg_sleep(30)", timeout=1)
             assert await conn.fetchval("SELECT pg_backend_pid()", timeout=5) == pid
             assert time.monotonic() - start < 8
+            # The sidecar may run its own snapshot query at this idle point: poll for idle.
+            deadline = time.monotonic() + 5
             state = pg.sql("SELECT state, query FROM pg_stat_activity WHERE pid = %s", (pid,))
-            assert state and state[0][0] == "idle" and "pg_backend_pid" in state[0][1], state
+            while state and state[0][0] != "idle" and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+                state = pg.sql("SELECT state, query FROM pg_stat_activity WHERE pid = %s", (pid,))
+            assert state and state[0][0] == "idle" and "pg_sleep" not in state[0][1], state
         finally:
             await conn.close()
 

@@ -306,6 +306,11 @@ class ScramServer:
     def done(self) -> bool:
         return self._state == "done"
 
+    @property
+    def started(self) -> bool:
+        """True once the client-first-message was read."""
+        return self._state != "start"
+
     def handle_first(self, client_first: bytes) -> bytes:
         """Read the client-first-message (SASLInitialResponse data), return server-first."""
         if self._state != "start":

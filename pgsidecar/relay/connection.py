@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from pgsidecar.auth.scram import ScramServer
 from pgsidecar.relay import commands as cmd
 from pgsidecar.relay import events as ev
 from pgsidecar.relay.internal import InternalReplies
@@ -53,6 +54,9 @@ class SessionPolicy:
     upstream_password: str | None = None
     upstream_dbname: str | None = None
     application_name: str | None = None
+    client_auth: str = "trust"  # configured mode: "trust" (loopback only) or "scram" against client_password
+    client_password: str | None = None
+    allow_tls_retry: bool = False  # sslmode=allow: a plaintext login the server rejects is retried over TLS
 
 
 class SidecarConnection:
@@ -98,9 +102,14 @@ class SidecarConnection:
         self.client_terminated = False
         self.want_facts = True
         self.login_waiting = False
+        self.now = 0.0
+        self.client_scram: ScramServer | None = None
+        self.tried_tls = False
+        self.draining = False  # shutdown: close with 57P01 at the next idle point
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, event: object) -> list[object]:
+        self.now = getattr(event, "now", self.now)  # the clock, for records closed by any event
         try:
             if isinstance(event, ev.ServerData):
                 return self._server_data(event)
@@ -193,11 +202,10 @@ class SidecarConnection:
             return out + self._fatal_to_client(
                 sqlstate.INVALID_AUTHORIZATION_SPECIFICATION, "no PostgreSQL user name specified in startup packet"
             )
-        if self.policy.upstream_user is None and not (self.trusted_transport or self.client_tls):
+        refusal = self._transport_refusal()
+        if refusal:
             return out + self._fatal_to_client(
-                sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
-                "pgsidecar accepts passwords only over loopback, a unix socket or TLS; connect with sslmode=require",
-                log=f"refused {self.peer}: password would cross the network in cleartext",
+                sqlstate.INVALID_AUTHORIZATION_SPECIFICATION, refusal, log=f"refused {self.peer}: {refusal}"
             )
         params.setdefault("database", params["user"])
         if self.policy.upstream_user is not None:
@@ -208,10 +216,53 @@ class SidecarConnection:
             params["application_name"] = self.policy.application_name
         self.params = params
         self._goto(Phase.AUTHENTICATING)
+        if self.policy.upstream_user is not None and self.policy.client_auth == "scram":
+            # 55.3 SASL Authentication, with pgsidecar as the server for the local hop.
+            self.client_scram = ScramServer(self.policy.client_password or "")
+            self.client_scan = FrameScanner(b"p", 100_000, client=True)
+            return out + [cmd.SendToClient(be.AuthenticationSASL(("SCRAM-SHA-256",)).encode())]
         return out + [cmd.CancelTimer("startup"), cmd.OpenServer()]
+
+    def _transport_refusal(self) -> str | None:
+        """Passwords cross only loopback, unix sockets or TLS; configured trust is loopback only."""
+        if self.policy.upstream_user is None:
+            if self.trusted_transport or self.client_tls:
+                return None
+            return "pgsidecar accepts passwords only over loopback, a unix socket or TLS; connect with sslmode=require"
+        if self.policy.client_auth == "trust" and not self.trusted_transport:
+            return "pgsidecar trusts only loopback and unix socket clients (auth.client_auth: trust)"
+        return None
+
+    def _client_scram_data(self, data: bytes) -> list[object]:
+        assert self.client_scram is not None
+        out: list[object] = []
+        for t, payload in self.client_scan.feed(data):
+            scram = self.client_scram
+            try:
+                if not scram.started:
+                    first = fe.SASLInitialResponse.decode(payload)
+                    if first.mechanism != "SCRAM-SHA-256":
+                        raise ClientProtocolError(f"unsupported SASL mechanism {first.mechanism}")
+                    reply = scram.handle_first(first.data)
+                    out.append(cmd.SendToClient(be.AuthenticationSASLContinue(reply).encode()))
+                    continue
+                final = scram.handle_final(fe.SASLResponse.decode(payload).data)
+            except ClientProtocolError as exc:
+                if exc.sqlstate == sqlstate.INVALID_PASSWORD:
+                    user = self.params.get("user", "")
+                    return out + self._fatal_to_client(
+                        sqlstate.INVALID_PASSWORD, f'password authentication failed for user "{user}"',
+                        log="local SCRAM authentication failed")
+                raise
+            self.client_scram = None
+            return out + [cmd.SendToClient(be.AuthenticationSASLFinal(final).encode()),
+                          cmd.CancelTimer("startup"), cmd.OpenServer()]
+        return out
 
     def _password_data(self, data: bytes) -> list[object]:
         """The client answers the AuthenticationCleartextPassword we sent on the server's behalf."""
+        if self.client_scram is not None:
+            return self._client_scram_data(data)
         frames = self.client_scan.feed(data)
         if self.login is None or not self.login_waiting:
             raise ClientProtocolError("unexpected message before authentication completed")
@@ -254,6 +305,11 @@ class SidecarConnection:
         return out
 
     def _login_error(self, error: be.ErrorResponse, raw: bytes, now: float) -> list[object]:
+        if self.policy.allow_tls_retry and not self.tried_tls and error.code == sqlstate.INVALID_AUTHORIZATION_SPECIFICATION:
+            # libpq's sslmode=allow: plaintext first; if the server refuses it, try again with TLS.
+            self.tried_tls = True
+            self.login = None
+            return [cmd.CloseServer(), cmd.OpenServer(use_tls=True)]
         if self.phase is Phase.AUTHENTICATING:
             # Issue: the server's own startup and auth errors reach the client unchanged.
             self._goto(Phase.CLOSED)
@@ -404,6 +460,8 @@ class SidecarConnection:
                 self.client_params[msg.name] = msg.value
         out: list[object] = [cmd.SendToClient(data)] if data else []
         if idle_point and self.pending.status is TxStatus.IDLE and self.server_scan.at_boundary:
+            if self.draining:
+                return out + self._drain_close()
             out += self._at_idle_point()
         return out
 
@@ -590,7 +648,7 @@ class SidecarConnection:
                       cmd.Log("warning", f"session {self.peer} closed: {reason}")]
 
     def _finish_drop(self, *, impact: str, succeeded: bool | None) -> list[object]:
-        record = self.drops.finish(self, impact=impact, succeeded=succeeded)
+        record = self.drops.finish(self, impact=impact, succeeded=succeeded, now=self.now or None)
         return [cmd.RecordDrop(record), cmd.CancelTimer("deadline")] if record is not None else []
 
     def _client_closed(self, event: ev.ClientClosed) -> list[object]:
@@ -625,9 +683,14 @@ class SidecarConnection:
         if self.phase in (Phase.CLOSED, Phase.STARTUP):
             self.phase = Phase.CLOSED
             return [cmd.CloseClient(), cmd.CloseServer()]
-        if self.pending.idle and self.phase is Phase.RELAYING:
-            self.phase = Phase.CLOSED
-            return [cmd.SendToClient(error_bytes("FATAL", sqlstate.ADMIN_SHUTDOWN,
-                                                 "terminating connection due to administrator command")),
-                    cmd.CloseClient(), cmd.CloseServer()]
+        if (self.pending.idle and self.phase is Phase.RELAYING) or self.phase is Phase.AUTHENTICATING:
+            return self._drain_close()
+        self.draining = True
         return []
+
+    def _drain_close(self) -> list[object]:
+        """What PostgreSQL sends on a shutdown (57P01 admin_shutdown), then close both sides."""
+        self.phase = Phase.CLOSED
+        return [cmd.SendToClient(error_bytes("FATAL", sqlstate.ADMIN_SHUTDOWN,
+                                             "terminating connection due to administrator command")),
+                cmd.CloseClient(), cmd.CloseServer()]

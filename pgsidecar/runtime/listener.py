@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from pgsidecar.auth.scram import channel_binding_for
-from pgsidecar.config.model import Config
+from pgsidecar.config.model import Config, SslMode
 from pgsidecar.observe.metrics import Tallies
 from pgsidecar.relay import events as ev
 from pgsidecar.relay.connection import SessionPolicy
@@ -40,6 +40,9 @@ def policy_from_config(config: Config) -> SessionPolicy:
         upstream_password=(auth.password or target.password) if configured else None,
         upstream_dbname=target.dbname if configured else None,
         application_name=target.application_name,
+        client_auth=auth.client_auth,
+        client_password=auth.client_password,
+        allow_tls_retry=target.sslmode is SslMode.ALLOW,
     )
 
 

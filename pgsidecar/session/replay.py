@@ -8,6 +8,7 @@ statements from the client's own Parse bytes.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from pgsidecar.session.state import SessionState, _literal
@@ -23,6 +24,18 @@ class ReplayPlan:
 
 def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+def prepare_statement_text(text: str) -> str | None:
+    """The PREPARE statement alone: pg_prepared_statements.statement is the client's whole query
+    string (checked on PostgreSQL 15), which may hold other statements that must not run again."""
+    body = text.strip().rstrip(";").strip()
+    if ";" not in body:
+        return body
+    if any(quote in body for quote in "'\"$-/"):
+        return None  # quotes or comments could hide a ';': do not guess
+    parts = [part.strip() for part in body.split(";") if re.match(r"(?is)\s*prepare\b", part)]
+    return parts[0] if len(parts) == 1 else None
 
 
 def plan_replay(state: SessionState, parses: dict[str, bytes]) -> ReplayPlan | str:
@@ -41,7 +54,11 @@ def plan_replay(state: SessionState, parses: dict[str, bytes]) -> ReplayPlan | s
         statements.append(
             "SELECT " + ", ".join(f"pg_catalog.set_config({_literal(n)}, {_literal(v)}, false)" for n, v in calls)
         )
-    statements += [s.rstrip().rstrip(";") for s in state.sql_statements]
+    for text in state.sql_statements:
+        prepare = prepare_statement_text(text)
+        if prepare is None:
+            return "a SQL PREPARE was sent together with other statements, so it cannot be repeated alone"
+        statements.append(prepare)
     statements += [f"LISTEN {_ident(channel)}" for channel in state.listen]
     data = bytearray()
     purposes: list[str] = []

@@ -269,8 +269,6 @@ def test_replay_refuses_a_protocol_statement_it_never_saw_parsed() -> None:
     assert plan == "prepared statement(s) ghost were created in a way pgsidecar cannot repeat"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: pg_prepared_statements.statement is the client's whole query "
-                   "string, so replaying it re-runs the other statements sent with PREPARE")
 def test_replay_never_reruns_statements_sent_together_with_prepare() -> None:
     # PostgreSQL 15: after the simple query "INSERT ...; PREPARE q AS SELECT 2" the row in
     # pg_prepared_statements has statement = that whole string (checked against a real server).

@@ -19,6 +19,7 @@ from pgsidecar.relay import commands as cmd
 from pgsidecar.relay import events as ev
 from pgsidecar.relay.connection import SidecarConnection
 from pgsidecar.runtime.upstream import UpstreamError, open_upstream, tcp_info
+from pgsidecar.wire import backend as be
 
 if TYPE_CHECKING:
     from pgsidecar.runtime.listener import Sidecar
@@ -34,10 +35,11 @@ _ERRNO_KIND = {
 }
 
 
-def classify_exception(exc: BaseException | None, saw_eof: bool) -> tuple[str, str | None, bool | None]:
-    """(kind, errno name, TLS close_notify seen) for the way a socket ended."""
+def classify_exception(exc: BaseException | None, saw_eof: bool, tls: bool) -> tuple[str, str | None, bool | None]:
+    """(kind, errno name, TLS close_notify seen: None without TLS) for the way a socket ended."""
     if exc is None:
-        return "eof", None, saw_eof or None
+        # Under TLS, asyncio reports close_notify as eof_received; a bare TCP FIN is not.
+        return "eof", None, saw_eof if tls else None
     if isinstance(exc, ssl.SSLError):
         return "tls_error", getattr(exc, "reason", None) or type(exc).__name__, False
     code = getattr(exc, "errno", None)
@@ -165,7 +167,8 @@ class ClientDriver(asyncio.Protocol):
         if side is not self.server:
             return
         self.server = None
-        kind, errno_name, close_notify = classify_exception(exc, side.saw_eof)
+        tls = side.transport is not None and side.transport.get_extra_info("ssl_object") is not None
+        kind, errno_name, close_notify = classify_exception(exc, side.saw_eof, tls)
         info = side.last_tcp_info or _tcp_info_of(side.transport)
         event = ev.ServerClosed(time.monotonic(), time.time(), kind, errno_name, close_notify,
                                 str(exc) if exc else None, info)
@@ -183,7 +186,11 @@ class ClientDriver(asyncio.Protocol):
             if self.client is not None:
                 self.client.close()
             return
-        self.run(commands)
+        # Relayed server data is the server's; once logged in, a batch that closes the client
+        # carries pgsidecar's own verdict (give up, lost state) even when a server reply caused it.
+        own = type(event) is not ev.ServerData or (
+            self.registered and any(type(c) is cmd.CloseClient for c in commands))
+        self.run(commands, own)
 
     def run(self, commands: list, own: bool = True) -> None:
         """Carry out commands; `own` says bytes for the client may hold errors pgsidecar made
@@ -203,6 +210,20 @@ class ClientDriver(asyncio.Protocol):
         if not self.registered and self.brain.first_backend_pid:
             self.registered = True
             self.sidecar.register(self)
+
+    def _count_errors(self, data: bytes) -> None:
+        """Count each ErrorResponse in bytes pgsidecar wrote itself (error paths only, never the
+        relayed hot path). Frames: 1 type byte + Int32 length (PostgreSQL docs 55.7)."""
+        pos, end = 0, len(data)
+        while pos + 5 <= end:
+            length = int.from_bytes(data[pos + 1:pos + 5], "big")
+            if length < 4 or pos + 1 + length > end:
+                return
+            if data[pos] == 0x45:  # 'E' ErrorResponse
+                code = be.ErrorResponse.decode(data[pos + 5:pos + 1 + length]).code
+                if code and self.sidecar.on_client_error is not None:
+                    self.sidecar.on_client_error(code)
+            pos += 1 + length
 
     def _other(self, command: object) -> None:
         if isinstance(command, cmd.OpenServer):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from pgsidecar.auth.scram import ScramServer
+from pgsidecar.auth.scram import ScramServer, channel_binding_for
 from pgsidecar.relay import commands as cmd
 from pgsidecar.relay import events as ev
 from pgsidecar.relay.internal import InternalReplies
@@ -283,7 +283,10 @@ class SidecarConnection:
         self.facts = dict(event.facts)
         self.connected_wall, self.connected_at = event.wall, event.now
         self.last_server_at = event.now
-        self.login = UpstreamLogin(self.params, self.password, channel_binding=event.channel_binding)
+        binding = event.channel_binding
+        if binding is None and event.cert_der is not None:
+            binding = channel_binding_for(event.cert_der)
+        self.login = UpstreamLogin(self.params, self.password, channel_binding=binding)
         self.login_waiting = False
         self.drops.connected(event)
         return [cmd.SendToServer(self.login.start())]
@@ -387,7 +390,9 @@ class SidecarConnection:
         self.book.note_sql(payload)
 
     def _note_parse(self, t: int, payload: bytes) -> None:
-        name_end = payload.index(b"\x00")
+        name_end = payload.find(b"\x00")
+        if name_end < 0:
+            raise ClientProtocolError("invalid Parse message: statement name is not NUL-terminated")
         query = payload[name_end + 1 :]
         if may_commit(query):
             self.inflight_commit = True

@@ -42,6 +42,7 @@ class ServerConnected:
     channel_binding: bytes | None  # RFC 5929 tls-server-end-point hash of the server certificate
     cert_fingerprint: str | None = None
     facts: dict = field(default_factory=dict)  # UpstreamFacts as a dict, for drop records
+    cert_der: bytes | None = None  # the server certificate; the brain derives channel binding from it
 
 
 @dataclass(frozen=True, slots=True)

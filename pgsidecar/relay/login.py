@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pgsidecar.auth.md5 import md5_password
-from pgsidecar.auth.scram import ScramClient
+from pgsidecar.auth.scram import ScramClient, channel_binding_for
 from pgsidecar.wire import backend as be
 from pgsidecar.wire import frontend as fe
 from pgsidecar.wire.errors import ServerProtocolError
@@ -48,10 +48,13 @@ class UpstreamLogin:
         password: str | None,
         *,
         channel_binding: bytes | None = None,
+        cert_der: bytes | None = None,
         max_len: int = 1 << 20,
     ) -> None:
         self.params = params
         self.password = password
+        if channel_binding is None and cert_der is not None:
+            channel_binding = channel_binding_for(cert_der)
         self.channel_binding = channel_binding
         self.auth_method: str | None = None
         self._buf = bytearray()

@@ -14,6 +14,7 @@ from pgsidecar.session.pending import TxStatus
 from pgsidecar.session.state import is_transaction_end
 from pgsidecar.wire import backend as be
 from pgsidecar.wire import sqlstate
+from pgsidecar.wire.errors import ClientProtocolError
 
 LOST_IN_TRANSACTION = "connection to the server was lost; the transaction was rolled back"
 LOST_IN_FLIGHT = (
@@ -137,6 +138,8 @@ class LocalAbortResponder:
         while len(self._buf) >= 5:
             t = self._buf[0]
             ln = int.from_bytes(self._buf[1:5], "big")
+            if ln < 4:
+                raise ClientProtocolError(f"invalid message length {ln}")
             if len(self._buf) < ln + 1:
                 break
             payload = bytes(self._buf[5 : ln + 1])
@@ -160,7 +163,10 @@ class LocalAbortResponder:
             reply += self._error() + ready_bytes(b"E")
             return False
         if kind == b"P":
-            query = payload[payload.index(b"\x00") + 1 :]
+            name_end = payload.find(b"\x00")
+            if name_end < 0:
+                raise ClientProtocolError("invalid Parse message: statement name is not NUL-terminated")
+            query = payload[name_end + 1 :]
             self._batch_end = self._batch_end or is_transaction_end(query.split(b"\x00", 1)[0])
             self._batch_reply += be.ParseComplete().encode()
         elif kind == b"B":
@@ -296,6 +302,8 @@ class DropTracker:
             "replayed": self.replay_summary,
             **self.reveal,
         }
+        if succeeded is None:  # no reconnect was tried (non-replayable state, or "close"): no evidence
+            info["reconnect"] = None
         self.started = None
         self.attempts = 0
         return info

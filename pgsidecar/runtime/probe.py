@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from pgsidecar.auth.scram import channel_binding_for
 from pgsidecar.config.model import Config
 from pgsidecar.relay.login import UpstreamLogin
 from pgsidecar.runtime.tls import upstream_context
@@ -53,8 +52,8 @@ async def check_upstream(config: Config, *, user: str | None = None, password: s
     try:
         sock = transport.get_extra_info("socket")
         readback = keepalive_readback(sock) if sock is not None else {}
-        binding = channel_binding_for(facts.cert.der) if facts.cert is not None else None
-        login = UpstreamLogin(params, password or config.auth.password or target.password, channel_binding=binding)
+        login = UpstreamLogin(params, password or config.auth.password or target.password,
+                              cert_der=facts.cert.der if facts.cert is not None else None)
         transport.write(login.start())
         while True:
             data = await asyncio.wait_for(collector.queue.get(), timeout_s)

@@ -24,7 +24,7 @@ from pgsidecar.session.state import FACTS_SQL, SessionBook, may_commit, snapshot
 from pgsidecar.wire import backend as be
 from pgsidecar.wire import frontend as fe
 from pgsidecar.wire import sqlstate
-from pgsidecar.wire.errors import ClientProtocolError, ProtocolError
+from pgsidecar.wire.errors import ClientProtocolError, ProtocolError, ServerProtocolError
 from pgsidecar.wire.frames import FrameScanner, StartupReader
 
 _Q, _P, _SYNC, _CLOSE, _TERMINATE, _FCALL = b"Q"[0], b"P"[0], b"S"[0], b"C"[0], b"X"[0], b"F"[0]
@@ -54,6 +54,7 @@ class SessionPolicy:
     upstream_password: str | None = None
     upstream_dbname: str | None = None
     application_name: str | None = None
+    check_after_idle_s: float | None = None
     client_auth: str = "trust"  # configured mode: "trust" (loopback only) or "scram" against client_password
     client_password: str | None = None
     allow_tls_retry: bool = False  # sslmode=allow: a plaintext login the server rejects is retried over TLS
@@ -153,6 +154,8 @@ class SidecarConnection:
                 return self._answer_locally(event.data)
             if self.pending.front is Owner.INTERNAL:
                 return self._hold(event.data)
+            if self._needs_check(event.now):
+                return self._check_then_hold(event.data)
             return self._relay_client(event.data)
         if self.phase is Phase.STARTUP:
             return self._startup_data(event.data)
@@ -403,6 +406,18 @@ class SidecarConnection:
             )
             self.book.dirty = True
 
+    def _needs_check(self, now: float) -> bool:
+        """upstream.check_after_idle: after a long idle, prove the path with one round trip first."""
+        limit = self.policy.check_after_idle_s
+        return bool(limit) and not self.pending and now - self.last_server_at > limit
+
+    def _check_then_hold(self, data: bytes) -> list[object]:
+        # An empty Sync earns one ReadyForQuery and runs nothing (55.2.3); if the path is dead the
+        # drop is seen while the client's request is still held, so it is hidden like an idle one.
+        self.internal.expect(("ping",))
+        self.pending.expect(Owner.INTERNAL)
+        return [cmd.SendToServer(fe.Sync().encode())] + self._hold(data)
+
     def _hold(self, data: bytes) -> list[object]:
         self.held.append(data)
         self.held_bytes += len(data)
@@ -449,6 +464,8 @@ class SidecarConnection:
         idle_point = False
         for t, payload in self.server_scan.feed(data):
             if t == _Z:
+                if len(payload) != 1:  # 55.7 ReadyForQuery: exactly one status byte
+                    raise ServerProtocolError(f"invalid ReadyForQuery message of {len(payload)} bytes")
                 self.pending.ready(payload[0])
                 idle_point = not self.pending
             elif t == _CC:

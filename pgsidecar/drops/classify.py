@@ -52,7 +52,7 @@ Secondary findings from the reconnect, whatever the primary cause: 53300 / "too 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pgsidecar.drops.causes import DropCause, hint_for
 
@@ -225,6 +225,8 @@ POOLER_TEXTS: tuple[PoolerText, ...] = (
 
 def classify(ev: Evidence) -> Classification:
     """Apply the rules of the module docstring, in order; the first that matches decides."""
+    if ev.reconnect is not None and ev.reconnect.attempts == 0 and not ev.reconnect.succeeded:
+        ev = replace(ev, reconnect=None)  # no reconnect was tried: it is no evidence of a restart
     cause, evidence, facts = _primary(ev, consider_certificate=True)
     secondary = _secondary(ev, cause)
     if cause is DropCause.CERTIFICATE_ROTATED:

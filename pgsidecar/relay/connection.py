@@ -31,6 +31,8 @@ _Q, _P, _SYNC, _CLOSE, _TERMINATE, _FCALL = b"Q"[0], b"P"[0], b"S"[0], b"C"[0], 
 _Z, _E, _N, _CC, _PS = b"Z"[0], b"E"[0], b"N"[0], b"C"[0], b"S"[0]
 _CLIENT_WANTED = b"QPSCXF"
 _SERVER_WANTED = b"ZECSN"
+# 55.7: every message type a frontend may send after startup; anything else is a protocol violation.
+_FRONTEND_TYPES = b"BCcdDEfFHPpQSX"
 # 55.2.1: a newer minor version or unknown _pq_ options get NegotiateProtocolVersion.
 _PROTOCOL_3_0 = 3 << 16
 _RETRY_STATES = {sqlstate.CANNOT_CONNECT_NOW, sqlstate.TOO_MANY_CONNECTIONS}
@@ -273,7 +275,7 @@ class SidecarConnection:
             password = payload.rstrip(b"\x00").decode("utf-8", "replace")
             self.password = password
             self.login_waiting = False
-            return [cmd.SendToServer(self.login.provide_password(password))]
+            return [cmd.CancelTimer("startup"), cmd.SendToServer(self.login.provide_password(password))]
         return []
 
     def _whole(self, frames: list, kind: bytes) -> list:
@@ -304,6 +306,8 @@ class SidecarConnection:
             self.login_waiting = True
             self.client_scan = FrameScanner(b"p", 100_000, client=True)
             out.append(cmd.SendToClient(be.AuthenticationCleartextPassword().encode()))
+            # listen.startup_timeout covers the client's part of authentication too.
+            out.append(cmd.SetTimer("startup", self.policy.startup_timeout_s))
         elif step.error is not None:
             out += self._login_error(step.error, step.error_bytes, now)
         elif step.done is not None:
@@ -335,7 +339,7 @@ class SidecarConnection:
             self.client_params = dict(result.params)
             self._goto(Phase.RELAYING)
             self.server_scan = FrameScanner(_SERVER_WANTED, self.policy.max_message_bytes, client=False)
-            self.client_scan = FrameScanner(_CLIENT_WANTED, self.policy.max_message_bytes, client=True)
+            self.client_scan = FrameScanner(_CLIENT_WANTED, self.policy.max_message_bytes, client=True, allowed=_FRONTEND_TYPES)
             hello = bytearray(be.AuthenticationOk().encode())
             for name, value in result.params.items():
                 hello += be.ParameterStatus(name, value).encode()
@@ -540,6 +544,8 @@ class SidecarConnection:
                 out += self._server_data_relaying(rest, now)
             if self.phase is Phase.RELAYING and self.pending.front is not Owner.INTERNAL:
                 out += self._release_held()
+            if self.draining and self.phase is Phase.RELAYING and self.pending.idle:
+                out += self._drain_close()  # our own query was the last thing owed
         return out
 
     def _internal_outcome(self, outcome, now: float) -> list[object]:
@@ -580,7 +586,7 @@ class SidecarConnection:
         if resend:
             self.pending.expect(Owner.CLIENT, resend[1])
             self.inflight, self.inflight_bytes = [resend[0]], len(resend[0])
-            self.client_scan = FrameScanner(_CLIENT_WANTED, self.policy.max_message_bytes, client=True)
+            self.client_scan = FrameScanner(_CLIENT_WANTED, self.policy.max_message_bytes, client=True, allowed=_FRONTEND_TYPES)
             out.append(cmd.SendToServer(resend[0]))
         return out
 
@@ -649,9 +655,10 @@ class SidecarConnection:
         return [cmd.SetTimer("backoff", delay)]
 
     def _timer(self, event: ev.Timer) -> list[object]:
-        if event.name == "startup" and self.phase is Phase.STARTUP:
+        if event.name == "startup" and self.phase in (Phase.STARTUP, Phase.AUTHENTICATING):
             self._goto(Phase.CLOSED)
-            return [cmd.Log("info", f"client {self.peer} did not finish startup in time"), cmd.CloseClient()]
+            return [cmd.Log("info", f"client {self.peer} did not finish startup in time"),
+                    cmd.CloseClient(), cmd.CloseServer()]
         if event.name == "backoff" and self.phase in (Phase.RECONNECTING, Phase.AUTHENTICATING):
             self.drops.attempt()
             return [cmd.OpenServer()]

@@ -85,6 +85,8 @@ class InternalReplies:
         elif t in _ASYNC_TO_CLIENT:
             self.forward += raw
         elif kind == b"Z":
+            if len(payload) != 1:  # 55.7 ReadyForQuery: exactly one status byte
+                raise ServerProtocolError(f"invalid ReadyForQuery message of {len(payload)} bytes")
             outcome = InternalOutcome(self._purposes.popleft(), payload[0], self._rows, self._error)
             self._rows, self._error = [], None
             return outcome

@@ -8,6 +8,7 @@ for its record; classification itself lives in ``pgsidecar.drops``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from pgsidecar.session.pending import TxStatus
@@ -22,6 +23,7 @@ LOST_IN_FLIGHT = (
     "whether it was executed is unknown"
 )
 IN_FAILED_TRANSACTION = "current transaction is aborted, commands ignored until end of transaction block"
+_ROLLBACK_ONLY = re.compile(rb"(?i)^\s*(?:rollback|abort)\b")
 
 
 def error_bytes(severity: str, code: str, message: str, *, hint: str | None = None) -> bytes:
@@ -116,12 +118,15 @@ class LocalAbortResponder:
     Until the client ends the block, every request gets an error and ``Z`` = ``E``, as the server
     would answer in a failed transaction (PostgreSQL docs 55.2.2); its ROLLBACK (or COMMIT, which
     the server answers with ROLLBACK in a failed block) is answered here with ``Z`` = ``I``.
+    A COMMIT that arrives before the client was told of the loss gets the 08006 error instead:
+    answering it ROLLBACK, an ordinary tag, would let the app believe its writes were committed.
     """
 
     def __init__(self, *, owe_error: bool) -> None:
         self.owe_error = owe_error
         self._buf = bytearray()
         self._batch_end = False
+        self._batch_commit = False
         self._batch_failed = False
         self._batch_reply = bytearray()
 
@@ -158,6 +163,9 @@ class LocalAbortResponder:
             return True
         if kind == b"Q":
             if is_transaction_end(payload):
+                if self.owe_error and not _ROLLBACK_ONLY.match(payload):
+                    reply += self._error() + ready_bytes(b"I")
+                    return True
                 reply += be.CommandComplete("ROLLBACK").encode() + ready_bytes(b"I")
                 return True
             reply += self._error() + ready_bytes(b"E")
@@ -167,7 +175,9 @@ class LocalAbortResponder:
             if name_end < 0:
                 raise ClientProtocolError("invalid Parse message: statement name is not NUL-terminated")
             query = payload[name_end + 1 :]
-            self._batch_end = self._batch_end or is_transaction_end(query.split(b"\x00", 1)[0])
+            text = query.split(b"\x00", 1)[0]
+            self._batch_end = self._batch_end or is_transaction_end(text)
+            self._batch_commit = self._batch_commit or (is_transaction_end(text) and not _ROLLBACK_ONLY.match(text))
             self._batch_reply += be.ParseComplete().encode()
         elif kind == b"B":
             self._batch_reply += be.BindComplete().encode()
@@ -180,6 +190,10 @@ class LocalAbortResponder:
         return False
 
     def _sync(self, reply: bytearray) -> bool:
+        if self._batch_end and self.owe_error and self._batch_commit:
+            self._batch_reply.clear()
+            reply += self._error() + ready_bytes(b"I")
+            return True
         if self._batch_end:
             reply += self._batch_reply + ready_bytes(b"I")
             self._batch_reply.clear()
@@ -302,8 +316,8 @@ class DropTracker:
             "replayed": self.replay_summary,
             **self.reveal,
         }
-        if succeeded is None:  # no reconnect was tried (non-replayable state, or "close"): no evidence
-            info["reconnect"] = None
+        if succeeded is None:  # no reconnect was tried (non-replayable state, or "close")
+            info["reconnect"]["attempts"] = 0
         self.started = None
         self.attempts = 0
         return info

@@ -28,10 +28,12 @@ class FrameScanner:
     all complete messages seen, so the caller can tell "nothing arrived" from "something did".
     """
 
-    __slots__ = ("wanted", "max_len", "messages", "_skip", "_type", "_body", "_head", "_client")
+    __slots__ = ("wanted", "allowed", "max_len", "messages", "_skip", "_type", "_body", "_head", "_client")
 
-    def __init__(self, wanted: bytes, max_len: int, *, client: bool) -> None:
+    def __init__(self, wanted: bytes, max_len: int, *, client: bool, allowed: bytes | None = None) -> None:
         self.wanted = frozenset(wanted)
+        # Types outside ``allowed`` are refused (a frontend message type PostgreSQL would reject).
+        self.allowed = frozenset(allowed) if allowed is not None else None
         self.max_len = max_len
         self.messages = 0
         self._skip = 0  # bytes of the current message body still to come
@@ -67,6 +69,7 @@ class FrameScanner:
             t, ln = _HEADER.unpack(head)
             i = self._start(t, ln, data, i + need, out)
         wanted = self.wanted
+        allowed = self.allowed
         max_len = self.max_len
         unpack = _HEADER.unpack_from
         count = 0
@@ -79,6 +82,9 @@ class FrameScanner:
             if end <= n:
                 if t in wanted:
                     out.append((t, bytes(data[i + 5 : end])))
+                elif allowed is not None and t not in allowed:
+                    self.messages += count
+                    raise self._error(f"invalid frontend message type {t}")
                 count += 1
                 i = end
             else:
@@ -98,6 +104,8 @@ class FrameScanner:
         return f"message type {kind!r} of {ln} bytes exceeds the limit of {self.max_len} bytes"
 
     def _partial(self, t: int, remaining: int, head_of_body: bytes | memoryview) -> None:
+        if self.allowed is not None and t not in self.allowed and t not in self.wanted:
+            raise self._error(f"invalid frontend message type {t}")
         self._type = t
         self._skip = remaining
         self._body = bytearray(head_of_body) if t in self.wanted else None
@@ -106,6 +114,8 @@ class FrameScanner:
         """Begin a message whose header was split across reads; returns the new offset."""
         if ln < 4 or ln > self.max_len:
             raise self._error(self._bad_length(t, ln))
+        if self.allowed is not None and t not in self.allowed and t not in self.wanted:
+            raise self._error(f"invalid frontend message type {t}")
         body_len = ln - 4
         n = len(data)
         if n - i >= body_len:

@@ -87,8 +87,9 @@ class StartupMessage:
         protocol = r.uint32()
         if protocol >> 16 != 3:
             # postmaster answers "unsupported frontend protocol" with feature_not_supported.
-            raise r.fail(f"unsupported frontend protocol {protocol >> 16}.{protocol & 0xFFFF}",
-                         sqlstate="0A000")
+            raise ClientProtocolError(
+                f"unsupported frontend protocol {protocol >> 16}.{protocol & 0xFFFF}: "
+                "server supports 3.0 to 3.0", sqlstate="0A000")
         params: dict[str, str] = {}
         while True:
             name = r.cstring()

@@ -33,9 +33,8 @@ ALLOWED_LAYERS: dict[str, frozenset[str]] = {
     "relay": frozenset({"relay", "wire", "auth", "session", "drops"}),
     "config": frozenset({"config"}),
     "observe": frozenset({"observe", "drops", "config"}),
-    # runtime/listener.py and probe.py use auth.scram.tls_server_end_point (a pure hash of the
-    # certificate the runtime holds); DESIGN's list for runtime does not name auth yet.
-    "runtime": frozenset({"runtime", "relay", "config", "observe", "wire", "auth"}),
+    # The brain derives SCRAM channel binding from the certificate, so runtime needs no auth.
+    "runtime": frozenset({"runtime", "relay", "config", "observe", "wire"}),
 }
 
 #: Third-party distributions each layer may import (top-level module names).
@@ -93,13 +92,21 @@ def imports_of(module: str, source: str, *, is_package: bool = False) -> list[Im
                     anchor = anchor[:-1]
                 anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
-            if base == "pgsidecar" or (node.level and not node.module):
-                # ``from pgsidecar import relay`` names a layer per alias.
-                out += [Import(module, f"{base}.{alias.name}" if alias.name != "*" else base, node.lineno)
+            if base.split(".")[0] == "pgsidecar":
+                # ``from pgsidecar import relay`` imports a module; ``from pgsidecar import
+                # __version__`` a name of the package itself.
+                out += [Import(module, _submodule_or_package(base, alias.name), node.lineno)
                         for alias in node.names]
             else:
                 out.append(Import(module, base, node.lineno))
     return out
+
+
+def _submodule_or_package(base: str, name: str) -> str:
+    path = PACKAGE_DIR.parent.joinpath(*base.split("."), name)
+    if name != "*" and (path.is_dir() or path.with_suffix(".py").is_file()):
+        return f"{base}.{name}"
+    return base
 
 
 def violations(imp: Import) -> list[str]:
@@ -178,6 +185,10 @@ def test_imports_go_one_way(module: str) -> None:
         ("pgsidecar.wire.backend", "import yaml", "third-party package yaml"),
         ("pgsidecar.relay.connection", "import uvloop", "third-party package uvloop"),
         ("pgsidecar.observe.logs", "from pgsidecar.relay import connection", "observe may not use relay"),
+        ("pgsidecar.runtime.listener", "from pgsidecar.auth.scram import tls_server_end_point",
+         "runtime may not use auth"),
+        ("pgsidecar.wire.frames", "from pgsidecar import relay", "wire may not use relay"),
+        ("pgsidecar.drops.record", "from . import classify\nfrom .. import session", "drops may not use session"),
     ],
 )
 def test_the_checker_catches_wrong_arrows(module: str, source: str, fragment: str) -> None:
@@ -195,6 +206,8 @@ def test_the_checker_catches_wrong_arrows(module: str, source: str, fragment: st
         ("pgsidecar.config.load", "import yaml"),
         ("pgsidecar.wire.frames", "from .errors import ClientProtocolError"),
         ("pgsidecar.cli", "from pgsidecar import __version__"),
+        ("pgsidecar.runtime.http", "from pgsidecar import __version__"),
+        ("pgsidecar.relay.connection", "from pgsidecar.wire import frontend as fe"),
     ],
 )
 def test_the_checker_allows_right_arrows(module: str, source: str) -> None:

@@ -11,6 +11,8 @@ import logging
 import os
 import signal
 import socket
+import sys
+from collections.abc import Callable
 
 from pgsidecar.config.model import Config
 from pgsidecar.runtime.listener import Sidecar
@@ -40,8 +42,9 @@ def sidecar_id(config: Config) -> str:
 class App:
     """One running sidecar: listeners, drop log, metrics and signal handling."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, reload: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self.reload_config = reload  # re-reads file, env and flags on SIGHUP
         self.id = sidecar_id(config)
         self.stopping: asyncio.Event | None = None
         self.sidecar: Sidecar | None = None
@@ -59,7 +62,12 @@ class App:
         except OSError as exc:
             log.error("cannot listen on %s:%s: %s", self.config.listen.host, self.config.listen.port, exc)
             return EXIT_LISTEN
-        self.metrics = await self._start_http()
+        try:
+            self.metrics = await self._start_http()
+        except OSError as exc:
+            log.error("cannot listen for metrics on %s: %s", self.config.metrics.listen, exc)
+            await self.sidecar.close()
+            return EXIT_LISTEN
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._on_term)
         loop.add_signal_handler(signal.SIGINT, self._on_term)
@@ -95,12 +103,36 @@ class App:
         deadline = asyncio.get_running_loop().time() + self.config.shutdown.grace_s
         while self.sidecar.drivers and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
+        if self.sidecar.drivers:
+            log.warning("drain: grace period over; closing %d remaining session(s)", len(self.sidecar.drivers))
+        else:
+            log.info("drain: all sessions ended")
         self.stopping.set()
 
     def _on_hup(self) -> None:
-        log.info("SIGHUP: reopening the drop log")
+        """Reload config and certificates for new sessions; open sessions keep their sockets.
+        An invalid new config keeps the running one."""
+        assert self.sidecar is not None
         if self.drops is not None:
             self.drops.reopen()
+        if self.reload_config is None:
+            log.warning("SIGHUP: no config source to re-read; reopened the drop log only")
+            return
+        try:
+            new = self.reload_config()
+            self.sidecar.reload(new)
+        except Exception as exc:  # ConfigError, TlsConfigError, OSError, ssl.SSLError: keep running
+            log.error("SIGHUP: reload failed, keeping the running configuration: %s", exc)
+            return
+        for name, old_value, new_value in (("metrics.listen", self.config.metrics.listen, new.metrics.listen),
+                                           ("drop_log.path", self.config.drop_log.path, new.drop_log.path)):
+            if old_value != new_value:
+                log.warning("SIGHUP: %s changes take effect only after a restart", name)
+        self.config = new
+        if self.drops is not None:
+            self.drops.config = new
+        logging.getLogger("pgsidecar").setLevel(new.log.level.upper())
+        log.info("SIGHUP: configuration and certificates reloaded; upstream %s", new.upstream.target.redacted())
 
     async def _shutdown(self) -> None:
         assert self.sidecar is not None
@@ -111,6 +143,21 @@ class App:
             self.drops.close()
 
 
-def run(config: Config) -> int:
+def argv_reloader(argv: list[str] | None = None) -> Callable[[], Config] | None:
+    """Re-read the config as `pgsidecar run ...` read it at start (same file, env and flags)."""
+    from pgsidecar import cli
+    from pgsidecar.config.load import load_config
+
+    try:
+        args = cli.build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit:
+        return None
+    if args.command != "run":
+        return None
+    overrides = cli._overrides(args)
+    return lambda: load_config(path=args.config, env=os.environ, overrides=overrides)
+
+
+def run(config: Config, *, reload: Callable[[], Config] | None = None) -> int:
     install_uvloop()
-    return asyncio.run(App(config).run())
+    return asyncio.run(App(config, reload=reload or argv_reloader()).run())

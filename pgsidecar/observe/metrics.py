@@ -20,6 +20,9 @@ from pgsidecar.drops.record import DropRecord
 # Reconnects usually take milliseconds (terminate, reset) or seconds (restart, failover).
 RECONNECT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
+# The classic text format every Prometheus version reads (newer clients default to 1.0.0).
+TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
+
 RESULT_SUCCESS = "success"
 RESULT_FAILURE = "failure"
 RESULT_ABANDONED = "abandoned"  # the client left while pgsidecar was still reconnecting
@@ -142,7 +145,7 @@ class Metrics:
 
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition format and its content type, for GET /metrics."""
-        return prometheus_client.generate_latest(self.registry), prometheus_client.CONTENT_TYPE_LATEST
+        return prometheus_client.generate_latest(self.registry), TEXT_FORMAT
 
 
 def sample_value(text: str, name: str, labels: dict[str, Any] | None = None) -> float | None:

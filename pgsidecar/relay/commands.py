@@ -29,7 +29,9 @@ class OpenServer:
 
 @dataclass(frozen=True, slots=True)
 class CloseServer:
-    pass
+    # True when the server is mid-reply: a TLS close would wait for a close_notify the busy
+    # backend never sends (uvloop gives up after 30 s), so reset the socket and free it now.
+    abort: bool = False
 
 
 @dataclass(frozen=True, slots=True)

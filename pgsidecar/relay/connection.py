@@ -103,7 +103,6 @@ class SidecarConnection:
         self.last_fatal: be.ErrorResponse | None = None
         self.last_notice: be.NoticeResponse | None = None
         self.client_terminated = False
-        self.want_facts = True
         self.login_waiting = False
         self.now = 0.0
         self.client_scram: ScramServer | None = None
@@ -347,7 +346,16 @@ class SidecarConnection:
             for notice in result.notices:
                 hello += notice
             hello += ready_bytes(b"I")
-            return [cmd.SendToClient(bytes(hello))] + (self._server_data_relaying(result.leftover, now) if result.leftover else [])
+            # The server facts a later drop is judged against (postmaster start time, recovery,
+            # read-only) are read now, while the client reads its hello; its first request waits
+            # for them (held), so a drop right after connect still has them.
+            self.internal.begin(new_params=None)
+            self.internal.expect(("first_facts",))
+            self.pending.expect(Owner.INTERNAL)
+            out: list[object] = [cmd.SendToClient(bytes(hello)), cmd.SendToServer(fe.Query(FACTS_SQL.decode()).encode())]
+            if result.leftover:
+                out += self._internal_data(result.leftover, now)
+            return out
         return self._start_replay(result, now)
 
     def _start_replay(self, result, now: float) -> list[object]:
@@ -509,22 +517,13 @@ class SidecarConnection:
         """Nothing owed, no transaction: read the exact session state if it may have changed."""
         self.inflight = []
         self.inflight_bytes = 0
-        if not (self.book.dirty or self.want_facts) or self.client_terminated:
+        if not self.book.dirty or self.client_terminated:
             return []
-        purposes: list[str] = []
-        query = b""
-        if self.book.dirty:
-            query += fe.Query(snapshot_sql(self.book.custom_names).decode()).encode()
-            purposes.append("snapshot")
-            self.book.dirty = False
-        if self.want_facts:
-            query += fe.Query(FACTS_SQL.decode()).encode()
-            purposes.append("first_facts")
-            self.want_facts = False
+        self.book.dirty = False
         self.internal.begin(new_params=None)
-        self.internal.expect(tuple(purposes))
-        self.pending.expect(Owner.INTERNAL, len(purposes))
-        return [cmd.SendToServer(query)]
+        self.internal.expect(("snapshot",))
+        self.pending.expect(Owner.INTERNAL)
+        return [cmd.SendToServer(fe.Query(snapshot_sql(self.book.custom_names).decode()).encode())]
 
     # ------------------------------------------------------------------ internal replies
     def _internal_data(self, data: bytes, now: float) -> list[object]:
@@ -673,8 +672,18 @@ class SidecarConnection:
         if self.drops.active:
             out += self._finish_drop(impact=f"fatal {sqlstate.CONNECTION_FAILURE} client closed", succeeded=False)
         code = sqlstate.CONNECTION_FAILURE if was is not Phase.AUTHENTICATING else sqlstate.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION
-        return out + [cmd.SendToClient(error_bytes("FATAL", code, f"pgsidecar: {reason}")), cmd.CloseClient(),
-                      cmd.Log("warning", f"session {self.peer} closed: {reason}")]
+        # Requests held for the lost upstream get an ordinary error first: many drivers (libpq
+        # via psycopg2) show the text of an ERROR but not of a FATAL that closes the socket.
+        answers = self._held_sync_points() * (error_bytes("ERROR", code, f"pgsidecar: {reason}") + ready_bytes(b"I"))
+        return out + [cmd.SendToClient(answers + error_bytes("FATAL", code, f"pgsidecar: {reason}")),
+                      cmd.CloseClient(), cmd.Log("warning", f"session {self.peer} closed: {reason}")]
+
+    def _held_sync_points(self) -> int:
+        scan = FrameScanner(b"QSF", self.policy.max_message_bytes, client=True)
+        try:
+            return sum(1 for chunk in self.held for t, _ in scan.feed(chunk))
+        except ProtocolError:
+            return 0
 
     def _finish_drop(self, *, impact: str, succeeded: bool | None) -> list[object]:
         record = self.drops.finish(self, impact=impact, succeeded=succeeded, now=self.now or None)
@@ -687,7 +696,7 @@ class SidecarConnection:
         if self.drops.active:
             out += self._finish_drop(impact="client left during reconnect", succeeded=False)
         self.phase = Phase.CLOSED
-        return out + [cmd.CloseServer()]
+        return out + [cmd.CloseServer(abort=len(self.pending) > 0)]
 
     def _answer_locally(self, data: bytes) -> list[object]:
         assert self.local_abort is not None

@@ -189,7 +189,7 @@ class ClientDriver(asyncio.Protocol):
         # Relayed server data is the server's; once logged in, a batch that closes the client
         # carries pgsidecar's own verdict (give up, lost state) even when a server reply caused it.
         own = type(event) is not ev.ServerData or (
-            self.registered and any(type(c) is cmd.CloseClient for c in commands))
+            self.registered and cmd.CloseClient in map(type, commands))
         self.run(commands, own)
 
     def run(self, commands: list, own: bool = True) -> None:
@@ -229,7 +229,7 @@ class ClientDriver(asyncio.Protocol):
         if isinstance(command, cmd.OpenServer):
             self._open_server(command.use_tls)
         elif isinstance(command, cmd.CloseServer):
-            self._close_server()
+            self._close_server(abort=command.abort)
         elif isinstance(command, cmd.CloseClient):
             self.closed = True
             if self.client is not None:
@@ -315,14 +315,17 @@ class ClientDriver(asyncio.Protocol):
         self.server = side
         self.feed(self.sidecar.connected_event(facts))
 
-    def _close_server(self) -> None:
+    def _close_server(self, *, abort: bool = False) -> None:
         if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None
         if self.server is not None:
             self.server.closing = True
             if self.server.transport is not None:
-                self.server.transport.close()
+                if abort:
+                    self.server.transport.abort()
+                else:
+                    self.server.transport.close()
             self.server = None
 
     def _teardown(self) -> None:

@@ -89,9 +89,11 @@ class Operations:
                 ssl_context=sidecar.upstream_tls_context, timeout_s=PROBE_TIMEOUT_S,
             )
         except (UpstreamError, OSError, ValueError, asyncio.TimeoutError) as exc:
-            was_ok = self.health.last_ok is not None and (self.health.last_fail or 0) < self.health.last_ok
+            # Log the first failure and each change from reachable to unreachable, not every probe.
+            worth_a_line = not self.health.probed or (
+                self.health.last_ok is not None and (self.health.last_fail or 0) < self.health.last_ok)
             self.health.upstream_result(False, str(exc) or type(exc).__name__)
-            if was_ok or not self.health.probed:
+            if worth_a_line:
                 log.warning("upstream probe failed: %s", exc)
             return False
         transport.close()

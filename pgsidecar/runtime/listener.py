@@ -8,7 +8,6 @@ import os
 import time
 from collections.abc import Callable
 
-from pgsidecar.auth.scram import channel_binding_for
 from pgsidecar.config.model import Config, SslMode
 from pgsidecar.observe.metrics import Tallies
 from pgsidecar.relay import events as ev
@@ -40,6 +39,7 @@ def policy_from_config(config: Config) -> SessionPolicy:
         upstream_password=(auth.password or target.password) if configured else None,
         upstream_dbname=target.dbname if configured else None,
         application_name=target.application_name,
+        check_after_idle_s=config.upstream.check_after_idle_s,
         client_auth=auth.client_auth,
         client_password=auth.client_password,
         allow_tls_retry=target.sslmode is SslMode.ALLOW,
@@ -132,7 +132,6 @@ class Sidecar:
 
     def connected_event(self, facts: UpstreamFacts) -> ev.ServerConnected:
         cert = facts.cert
-        binding = channel_binding_for(cert.der) if cert is not None else None
         if cert is not None:
             self.tally.cert_not_after = cert.not_after
         if self.on_upstream is not None:
@@ -143,8 +142,8 @@ class Sidecar:
             "cert_fingerprint": cert.fingerprint_sha256 if cert else None,
             "cert_not_after": cert.not_after if cert else None,
         }
-        return ev.ServerConnected(time.monotonic(), time.time(), facts.address, facts.tls, binding,
-                                  cert.fingerprint_sha256 if cert else None, record)
+        return ev.ServerConnected(time.monotonic(), time.time(), facts.address, facts.tls, None,
+                                  cert.fingerprint_sha256 if cert else None, record, cert.der if cert else None)
 
     def connect_failed(self, error: UpstreamError) -> None:
         if self.on_upstream is not None:

@@ -144,11 +144,10 @@ def test_server_down_5s_while_the_query_waits(rig_factory):
 
 
 def test_server_down_past_the_deadline(rig_factory):
-    """Both clients send a query during the outage. psycopg 3 reads the FATAL 08006 pgsidecar
-    sends. psycopg2 2.9 with libpq 17 reports any FATAL that arrives while a query waits as
-    "server closed the connection unexpectedly" without a SQLSTATE: it does the same against
-    PostgreSQL itself (pg_terminate_backend during pg_sleep), so for it we check the timing and
-    that the connection is closed."""
+    """Both clients send a query during the outage. Each held request is answered with an
+    ordinary ERROR 08006 naming the reason, then FATAL 08006 and the socket closes: psycopg2
+    (libpq) shows an ERROR's text, where a FATAL followed by a close reaches it only as "server
+    closed the connection unexpectedly"."""
     rig = rig_factory(env={"PGSIDECAR_RECONNECT_DEADLINE": "3s"})
     classic = rig.app()
     _pid(classic)
@@ -157,17 +156,22 @@ def test_server_down_past_the_deadline(rig_factory):
     started = time.monotonic()
     rig.cluster.stop("fast")
     waiting = RunInThread(lambda: modern.execute("SELECT 2"))
-    with pytest.raises(psycopg2.OperationalError):
+    with pytest.raises(psycopg2.OperationalError) as info:
         _pid(classic)
     elapsed = time.monotonic() - started
     waiting.join(timeout=5)
-    assert 2.5 <= elapsed <= 3.0 + 2.0, f"the FATAL came after {elapsed:.1f} s (deadline 3 s)"
-    assert classic.closed, "the client connection is closed after the FATAL"
+    assert 2.5 <= elapsed <= 3.0 + 2.0, f"the error came after {elapsed:.1f} s (deadline 3 s)"
+    assert info.value.pgcode == "08006" and "could not reconnect within 3 s" in str(info.value)
+    with pytest.raises(psycopg2.Error):
+        _pid(classic)  # the FATAL that followed closed the connection
+    assert classic.closed
     err = waiting.error
     assert isinstance(err, psycopg.OperationalError), repr(err)
-    assert err.diag.sqlstate == "08006" and err.diag.severity == "FATAL", (err.diag.sqlstate, str(err))
+    assert err.diag.sqlstate == "08006", (err.diag.sqlstate, str(err))
     assert "could not reconnect within 3 s" in str(err) and "refused" in str(err).lower()
     assert waiting.finished_at - started <= 5.0
+    with pytest.raises(psycopg.OperationalError):
+        modern.execute("SELECT 3")  # then the FATAL: the connection is gone
     assert modern.closed
     drops = rig.sidecar.wait_drops(2)
     assert len(drops) == 2, drops

@@ -29,6 +29,7 @@ USER_TIMEOUT_S = KEEPALIVE_IDLE_S + KEEPALIVE_INTERVAL_S * KEEPALIVE_COUNT - 0.5
 # A silent path is noticed by the first probe after user timeout: at most idle + user timeout
 # after the last packet; 1 s for scheduling and the 50 ms polls.
 DETECT_WINDOW_S = KEEPALIVE_IDLE_S + USER_TIMEOUT_S + 1.0
+CONNECT_TIMEOUT_S = 2  # upstream_dsn_via's connect_timeout
 SHORT_KEEPALIVE = {
     "PGSIDECAR_UPSTREAM_KEEPALIVE_IDLE": "1s",
     "PGSIDECAR_UPSTREAM_KEEPALIVE_INTERVAL": "1s",
@@ -86,7 +87,8 @@ def test_silent_blackhole_while_idle_is_detected_within_user_timeout(net_faults,
         noticed_after = time.time() - began
         assert noticed, f"no reconnect attempt within {DETECT_WINDOW_S + 3:.1f} s of the blackhole"
         assert noticed_after <= DETECT_WINDOW_S, f"noticed after {noticed_after:.2f} s"
-        time.sleep(1.0)  # let at least one reconnect attempt vanish into the blackhole
+        # Hold the blackhole past one connect_timeout (2 s): a reconnect attempt must fail.
+        time.sleep(CONNECT_TIMEOUT_S + 0.7)
         net_faults.restore()
         restored = time.time()
         drops = side.wait_drops(1, timeout=15)
@@ -100,7 +102,8 @@ def test_silent_blackhole_while_idle_is_detected_within_user_timeout(net_faults,
         assert drop["cause"] == "network_timeout", drop
         assert drop["user_timeout_s"] == pytest.approx(USER_TIMEOUT_S)
         assert drop["reconnect"]["succeeded"] is True
-        assert drop["reconnect"]["attempts"] >= 2, drop["reconnect"]  # one was swallowed
+        assert drop["reconnect"]["attempts"] >= 2, drop["reconnect"]  # one timed out in the hole
+        assert any("timeout" in e for e in drop["reconnect"]["errors"]), drop["reconnect"]
         assert restored <= _epoch(drop["time"]) + drop["reconnect"]["duration_s"] + 0.5
         # The app's next query simply works, on a new backend.
         pid2 = _one(conn, "SELECT pg_backend_pid()")

@@ -16,7 +16,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 
 import asyncpg
 import psycopg

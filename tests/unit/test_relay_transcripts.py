@@ -114,8 +114,9 @@ FACTS_REPLY = (
     + be.CommandComplete("SELECT 1").encode() + z())
 
 
-def login(pb: Playbook, *, method: str = "cleartext") -> None:
-    """Drive a session from connect to relaying, checking each step's exact commands."""
+def login(pb: Playbook, *, method: str = "cleartext", answer_facts: bool = True) -> None:
+    """Drive a session from connect to relaying, checking each step's exact commands. Right after
+    the client's hello the brain reads the server's facts, unseen by the client."""
     assert pb.client_connected() == [cmd.SetTimer("startup", 10.0)]
     assert pb.client(fe.StartupMessage(dict(PARAMS)).encode()) == [cmd.CancelTimer("startup"), cmd.OpenServer()]
     assert pb.conn.phase is Phase.AUTHENTICATING
@@ -127,8 +128,10 @@ def login(pb: Playbook, *, method: str = "cleartext") -> None:
     expected = (fe.PasswordMessage(PASSWORD.encode()) if method == "cleartext"
                 else fe.PasswordMessage(md5_password("app", PASSWORD, b"salt")))
     assert answer == [cmd.CancelTimer("startup"), cmd.SendToServer(expected.encode())]
-    assert pb.server(hello()) == [cmd.SendToClient(client_hello())]
+    assert pb.server(hello()) == [cmd.SendToClient(client_hello()), cmd.SendToServer(FACTS_QUERY)]
     assert pb.conn.phase is Phase.RELAYING
+    if answer_facts:
+        assert pb.server(FACTS_REPLY) == []
 
 
 def client_hello() -> bytes:
@@ -140,12 +143,11 @@ def client_hello() -> bytes:
 
 
 def first_query(pb: Playbook) -> None:
-    """One request; at the first idle point the brain reads the server's facts, unseen by the client."""
+    """One request and its reply, relayed untouched."""
     q = fe.Query("SELECT 1").encode()
     assert pb.client(q) == [cmd.SendToServer(q)]
     reply = select_reply()
-    assert pb.server(reply) == [cmd.SendToClient(reply), cmd.SendToServer(FACTS_QUERY)]
-    assert pb.server(FACTS_REPLY) == []
+    assert pb.server(reply) == [cmd.SendToClient(reply)]
 
 
 def reconnect(pb: Playbook, *, params: dict | None = None) -> list[object]:
@@ -319,7 +321,7 @@ def test_login_with_scram_against_a_real_scram_server() -> None:
     server_final = server.handle_final(fe.SASLResponse.decode(payload).data)  # raises on a wrong proof
     assert server.done
     assert pb.server(be.AuthenticationSASLFinal(server_final).encode()) == []
-    assert pb.server(hello()) == [cmd.SendToClient(client_hello())]
+    assert pb.server(hello()) == [cmd.SendToClient(client_hello()), cmd.SendToServer(FACTS_QUERY)]
 
 
 def test_scram_plus_is_chosen_when_the_upstream_has_tls_and_offers_it() -> None:
@@ -347,7 +349,7 @@ def test_hello_split_across_reads() -> None:
     data = hello()
     for i in range(len(data) - 1):
         assert pb.server(data[i : i + 1]) == []
-    assert pb.server(data[-1:]) == [cmd.SendToClient(client_hello())]
+    assert pb.server(data[-1:]) == [cmd.SendToClient(client_hello()), cmd.SendToServer(FACTS_QUERY)]
 
 
 def test_login_error_on_first_connect_reaches_the_client_unchanged() -> None:
@@ -421,10 +423,7 @@ def test_server_notice_and_parameter_status_pass_through() -> None:
 
 def test_client_bytes_wait_while_an_internal_query_is_owed() -> None:
     pb = Playbook()
-    login(pb)
-    q = fe.Query("SELECT 1").encode()
-    pb.client(q)
-    assert pb.server(select_reply()) == [cmd.SendToClient(select_reply()), cmd.SendToServer(FACTS_QUERY)]
+    login(pb, answer_facts=False)
     q2 = fe.Query("SELECT 2").encode()
     assert pb.client(q2) == []  # held: the facts reply comes first
     assert pb.server(FACTS_REPLY) == [cmd.SendToServer(q2)]
@@ -742,11 +741,8 @@ _server_message = st.one_of(
 @given(chunks=st.lists(_server_message, max_size=8), mode=st.sampled_from(["request", "transaction", "internal"]))
 def test_arbitrary_server_bytes_never_crash(chunks: list[bytes], mode: str) -> None:
     pb = Playbook()
-    login(pb)
-    if mode == "internal":  # the facts query is owed: InternalReplies reads the bytes
-        pb.client(fe.Query("SELECT 1").encode())
-        assert pb.server(select_reply())[-1] == cmd.SendToServer(FACTS_QUERY)
-    else:
+    login(pb, answer_facts=mode != "internal")  # internal: the facts query is owed
+    if mode != "internal":
         first_query(pb)
         if mode == "transaction":
             pb.client(fe.Query("BEGIN").encode())

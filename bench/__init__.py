@@ -1,0 +1,1 @@
+"""Benchmarks: pgsidecar against direct TLS and PgBouncer in one run (`python -m bench`)."""

@@ -1,0 +1,143 @@
+"""`python -m bench [--quick]`: direct TLS vs PgBouncer vs pgsidecar, interleaved, in one run.
+
+Every path runs against the same throwaway server in the same round, in rotating order, so drift
+(page cache, CPU boost, a noisy neighbour) lands on all three alike; the medians over the rounds
+are what the tables show. Results go to stdout and to bench/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench import workloads
+from bench.report import PATHS, MemoryResult, Sample, format_memory, format_reconnect, format_table, \
+    summarize, to_json
+from bench.stack import Stack
+
+MEMORY_COUNTS = (0, 100, 1000)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 round, 3 s runs, scale 5: under 2 minutes")
+    parser.add_argument("--rounds", type=int, help="rounds (default 3, quick 1)")
+    parser.add_argument("--seconds", type=int, help="seconds per pgbench run (default 10, quick 3)")
+    parser.add_argument("--scale", type=int, help="pgbench scale (default 10, quick 5)")
+    parser.add_argument("--only", default="", help="comma-separated: pgbench,bulk,memory,reconnect")
+    parser.add_argument("--output", default=str(Path(__file__).with_name("results.json")))
+    args = parser.parse_args(argv)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.seconds = args.seconds or (3 if args.quick else 10)
+    args.scale = args.scale or (5 if args.quick else 10)
+    args.parts = set(args.only.split(",")) if args.only else {"pgbench", "bulk", "memory", "reconnect"}
+    return args
+
+
+def _machine() -> dict:
+    """The facts a reader needs to compare numbers: cores, CPU model, memory, versions."""
+    def run(argv: list[str]) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
+        except OSError:
+            return ""
+    model = next((line.split(":", 1)[1].strip() for line in run(["lscpu"]).splitlines()
+                  if line.startswith("Model name")), platform.processor())
+    mem = next((line.split()[1] for line in run(["free", "-h"]).splitlines() if line.startswith("Mem:")), "")
+    return {"nproc": os.cpu_count(), "cpu": model, "memory": mem, "kernel": platform.release(),
+            "python": platform.python_version(), "pgbouncer": run(["pgbouncer", "--version"]).splitlines()[0:1],
+            "pgbench": run(["pgbench", "--version"])}
+
+
+def _raise_nofile() -> None:
+    """A thousand idle clients need ~2 descriptors each in this process and in each proxy."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def _rotated(round_no: int) -> tuple[str, ...]:
+    shift = round_no % len(PATHS)
+    return PATHS[shift:] + PATHS[:shift]
+
+
+def run(args: argparse.Namespace, stack: Stack) -> int:
+    started = time.monotonic()
+    samples: dict[str, dict[str, list[Sample]]] = {}
+    units: dict[str, str] = {}
+    bulk_peak: dict[str, int] = {}
+    memory: list[MemoryResult] = []
+    reconnect: list[float] = []
+    print(f"pgbench -i -s {args.scale} ...", flush=True)
+    workloads.pgbench_init(stack, args.scale)
+    sizes = {sql: workloads.bulk_bytes(stack, sql) for _, sql in workloads.BULK_WORKLOADS} \
+        if "bulk" in args.parts else {}
+    if "memory" in args.parts:
+        # First, on fresh proxies: RSS grown by earlier workloads would hide the per-client cost.
+        for path in ("pgbouncer", "pgsidecar"):
+            print(f"memory: {path} ...", flush=True)
+            memory.append(asyncio.run(workloads.measure_memory(stack, path, MEMORY_COUNTS)))
+            if path == "pgbouncer":
+                stack.restart_bouncer()
+    for round_no in range(args.rounds):
+        for path in _rotated(round_no):
+            print(f"round {round_no + 1}/{args.rounds}: {path} ...", flush=True)
+            if "pgbench" in args.parts:
+                for wl in workloads.PGBENCH_WORKLOADS:
+                    sample = workloads.run_pgbench(stack, path, wl, args.seconds)
+                    units[wl.name] = "tps"
+                    samples.setdefault(wl.name, {p: [] for p in PATHS})[path] += [sample] if sample else []
+            if "bulk" in args.parts:
+                for name, sql in workloads.BULK_WORKLOADS:
+                    sample, peak = workloads.run_bulk(stack, path, sql, sizes[sql])
+                    units[name] = "MB/s"
+                    samples.setdefault(name, {p: [] for p in PATHS})[path] += [sample] if sample else []
+                    if peak is not None:
+                        bulk_peak[path] = max(bulk_peak.get(path, 0), peak)
+    if "reconnect" in args.parts:
+        for round_no in range(args.rounds):
+            print(f"reconnect {round_no + 1}/{args.rounds} ...", flush=True)
+            seconds = asyncio.run(workloads.measure_reconnect(stack))
+            reconnect += [seconds] if seconds is not None else []
+    summaries = [summarize(name, units[name], by_path) for name, by_path in samples.items()]
+    print()
+    for summary in summaries:
+        print(format_table(summary), end="\n\n")
+    if memory:
+        print(format_memory(memory, MEMORY_COUNTS), end="\n\n")
+    if bulk_peak:
+        print("proxy RSS growth during a bulk read, largest (KiB): "
+              + ", ".join(f"{p} {kib:,}" for p, kib in bulk_peak.items()), end="\n\n")
+    if "reconnect" in args.parts:
+        print(format_reconnect(reconnect), end="\n\n")
+    meta = {"machine": _machine(), "rounds": args.rounds, "seconds": args.seconds, "scale": args.scale,
+            "quick": args.quick, "elapsed_s": round(time.monotonic() - started, 1),
+            "bulk_bytes": {name: sizes.get(sql) for name, sql in workloads.BULK_WORKLOADS},
+            "bulk_rss_growth_kib": bulk_peak}
+    Path(args.output).write_text(to_json(meta, summaries, memory, reconnect) + "\n")
+    print(f"wrote {args.output} ({meta['elapsed_s']} s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    _raise_nofile()
+    stack = Stack()
+    try:
+        print("starting PostgreSQL (TLS), PgBouncer, pgsidecar ...", flush=True)
+        stack.start()
+        return run(args, stack)
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

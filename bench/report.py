@@ -1,0 +1,135 @@
+"""Medians, ratios, tables and JSON for the benchmark: pure functions, no processes, no clocks.
+
+Kept apart from the runners so the arithmetic and the layout are unit-tested with fake numbers
+(tests/unit/test_bench_report.py) and a real run is only ever needed for the numbers themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+
+PATHS = ("direct", "pgbouncer", "pgsidecar")
+#: The two ratios every table ends with (issue 7's targets are stated in them).
+RATIOS = (("pgsidecar", "direct"), ("pgsidecar", "pgbouncer"))
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One measurement of one path in one round: `value` in the workload's unit; `cpu_us` is the
+    proxy's CPU time per transaction (user + system), the cost a 2-core host pays for the hop."""
+
+    value: float
+    latency_ms: float | None = None
+    cpu_us: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """One workload over all rounds: the medians per path and the ratios between them."""
+
+    name: str
+    unit: str
+    samples: dict[str, list[Sample]]
+    median: dict[str, float | None] = field(default_factory=dict)
+    latency_ms: dict[str, float | None] = field(default_factory=dict)
+    cpu_us: dict[str, float | None] = field(default_factory=dict)
+    ratios: dict[str, float | None] = field(default_factory=dict)
+
+
+def median(values: list[float]) -> float | None:
+    """The median, or None when nothing was measured (a path that failed every round)."""
+    return statistics.median(values) if values else None
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def summarize(name: str, unit: str, samples: dict[str, list[Sample]]) -> Summary:
+    """Medians of value and latency per path (latency median taken on its own), then the ratios."""
+    medians = {p: median([s.value for s in samples.get(p, [])]) for p in PATHS if p in samples}
+    latencies = {p: median([s.latency_ms for s in samples[p] if s.latency_ms is not None])
+                 for p in medians}
+    cpu = {p: median([s.cpu_us for s in samples[p] if s.cpu_us is not None]) for p in medians}
+    ratios = {f"{a}/{b}": ratio(medians.get(a), medians.get(b))
+              for a, b in RATIOS if a in medians and b in medians}
+    return Summary(name, unit, {p: list(v) for p, v in samples.items()}, medians, latencies, cpu, ratios)
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def format_table(summary: Summary) -> str:
+    """One workload: a row per path (median value, median latency, the rounds), then the ratios."""
+    lines = [f"== {summary.name} ({summary.unit}, median of {_rounds(summary)})",
+             f"{'path':<11}{summary.unit:>12}{'latency ms':>12}{'proxy cpu us':>14}   rounds"]
+    for path, value in summary.median.items():
+        rounds = " ".join(_num(s.value) for s in summary.samples.get(path, []))
+        lines.append(f"{path:<11}{_num(value):>12}{_num(summary.latency_ms.get(path), 3):>12}"
+                     f"{_num(summary.cpu_us.get(path), 1):>14}   {rounds}")
+    ratios = "   ".join(f"{name} = {_num(value, 2)}" for name, value in summary.ratios.items())
+    if ratios:
+        lines.append(ratios)
+    return "\n".join(lines)
+
+
+def _rounds(summary: Summary) -> int:
+    return max((len(v) for v in summary.samples.values()), default=0)
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryResult:
+    """RSS of one proxy (KiB) with N idle clients open, keyed by N."""
+
+    path: str
+    rss_kib: dict[int, int]
+
+    def per_client_kib(self, clients: int) -> float | None:
+        if 0 not in self.rss_kib or clients not in self.rss_kib or clients == 0:
+            return None
+        return (self.rss_kib[clients] - self.rss_kib[0]) / clients
+
+
+def format_memory(results: list[MemoryResult], counts: tuple[int, ...]) -> str:
+    """RSS at each idle-client count and the growth per client, plus pgsidecar/pgbouncer at the most."""
+    head = "".join(f"{f'RSS@{n}':>11}" for n in counts)
+    per = "".join(f"{f'KiB/cl@{n}':>12}" for n in counts if n)
+    lines = ["== memory: proxy RSS with idle clients (KiB)", f"{'path':<11}{head}{per}"]
+    for result in results:
+        cells = "".join(f"{_num(result.rss_kib.get(n), 0):>11}" for n in counts)
+        cells += "".join(f"{_num(result.per_client_kib(n), 1):>12}" for n in counts if n)
+        lines.append(f"{result.path:<11}{cells}")
+    by_path = {r.path: r for r in results}
+    if "pgsidecar" in by_path and "pgbouncer" in by_path and counts:
+        most = max(counts)
+        value = ratio(by_path["pgsidecar"].per_client_kib(most), by_path["pgbouncer"].per_client_kib(most))
+        lines.append(f"pgsidecar/pgbouncer (KiB per idle client at {most}) = {_num(value, 2)}")
+    return "\n".join(lines)
+
+
+def format_reconnect(seconds: list[float]) -> str:
+    """Server back -> first successful query of an idle client through pgsidecar."""
+    rounds = " ".join(f"{s:.3f}" for s in seconds) or "-"
+    return ("== reconnect: server accepting again -> idle client's first query through pgsidecar\n"
+            f"median {_num(median(seconds), 3)} s   rounds {rounds}")
+
+
+def to_json(meta: dict, summaries: list[Summary], memory: list[MemoryResult],
+            reconnect_s: list[float]) -> str:
+    """Everything the tables show, plus every round, as one JSON document."""
+    doc = {
+        "meta": meta,
+        "workloads": [asdict(s) for s in summaries],
+        "memory": [{"path": m.path, "rss_kib": {str(k): v for k, v in m.rss_kib.items()},
+                    "per_client_kib": {str(n): m.per_client_kib(n) for n in m.rss_kib if n}}
+                   for m in memory],
+        "reconnect_s": {"rounds": reconnect_s, "median": median(reconnect_s)},
+    }
+    return json.dumps(doc, indent=2, sort_keys=False)

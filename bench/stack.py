@@ -1,0 +1,221 @@
+"""The three paths under test, started fresh for one run: TLS PostgreSQL, PgBouncer, pgsidecar.
+
+PostgreSQL comes from pgsidecar.demo_cluster (the demo's throwaway server), re-tuned for a
+thousand idle clients. PgBouncer and PostgreSQL refuse to run as root, so both run as ``nobody``
+there. Every process is stopped by its own PID, never by name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from pgsidecar.demo_cluster import DemoCluster, free_port
+
+#: Server settings for the benchmark: room for 1000 idle clients through each proxy, plus pgbench.
+SERVER_SETTINGS = {
+    "max_connections": "1100",
+    "shared_buffers": "256MB",
+    "log_connections": "off",
+    "synchronous_commit": "off",
+}
+
+PATHS = ("direct", "pgbouncer", "pgsidecar")
+
+
+def _as_nobody() -> dict:
+    """subprocess.Popen keywords that drop root to nobody (no-op when not root)."""
+    if os.geteuid() != 0:
+        return {}
+    return {"user": "nobody", "group": "nogroup", "extra_groups": []}
+
+
+def wait_port(port: int, proc: subprocess.Popen | None, what: str, timeout: float = 20.0) -> None:
+    """Poll until 127.0.0.1:port accepts, or fail naming the process that did not come up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on {port} within {timeout}s")
+
+
+def stop_pid(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+    """Stop one child by its PID: the signal, then SIGKILL after `timeout`."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def tree_rss_kib(pid: int) -> int:
+    """VmRSS of a process and all its descendants (a proxy may fork workers), in KiB."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            with open(f"/proc/{current}/status") as fh:
+                total += next((int(line.split()[1]) for line in fh if line.startswith("VmRSS:")), 0)
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as fh:
+                    todo += [int(child) for child in fh.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and its descendants so far (/proc/<pid>/stat)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            with open(f"/proc/{current}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (proc(5))
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as fh:
+                    todo += [int(child) for child in fh.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+@dataclass
+class Stack:
+    """One PostgreSQL with TLS and the two proxies in front of it; `port(path)` picks a path."""
+
+    root: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="pgsidecar-bench-"))
+    cluster: DemoCluster | None = None
+    bouncer: subprocess.Popen | None = None
+    bouncer_port: int = 0
+    sidecar: subprocess.Popen | None = None
+    sidecar_port: int = 0
+
+    @property
+    def user(self) -> str:
+        return "postgres"
+
+    @property
+    def password(self) -> str:
+        assert self.cluster is not None
+        return self.cluster.password
+
+    def port(self, path: str) -> int:
+        assert self.cluster is not None
+        return {"direct": self.cluster.port, "pgbouncer": self.bouncer_port,
+                "pgsidecar": self.sidecar_port}[path]
+
+    def sslmode(self, path: str) -> str:
+        """Direct is TLS (as an app without a sidecar would be); both proxies take plain loopback."""
+        return "require" if path == "direct" else "disable"
+
+    def proxy_pid(self, path: str) -> int:
+        proc = {"pgbouncer": self.bouncer, "pgsidecar": self.sidecar}[path]
+        assert proc is not None
+        return proc.pid
+
+    def env(self, path: str) -> dict[str, str]:
+        """libpq variables that point psql and pgbench at `path`."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PGSIDECAR_"))}
+        env.update(PGHOST="127.0.0.1", PGPORT=str(self.port(path)), PGUSER=self.user, PGDATABASE="postgres",
+                   PGPASSWORD=self.password, PGSSLMODE=self.sslmode(path), PGAPPNAME="bench")
+        return env
+
+    def start(self) -> None:
+        os.makedirs(self.root, exist_ok=True)
+        os.chmod(self.root, 0o755)  # PostgreSQL and PgBouncer run as nobody below it
+        pg_root = os.path.join(self.root, "pg")
+        os.makedirs(pg_root)
+        self.cluster = DemoCluster(pg_root)
+        self.cluster.create()
+        with open(os.path.join(self.cluster.datadir, "postgresql.conf"), "a") as fh:
+            fh.write("".join(f"{k} = {v}\n" for k, v in SERVER_SETTINGS.items()))
+        self.cluster.restart("fast")
+        self._start_bouncer()
+        self._start_sidecar()
+
+    def restart_bouncer(self) -> None:
+        """A fresh PgBouncer on the same port: session mode keeps every server link it ever made
+        (server_idle_timeout 600 s), and a thousand pooled links would starve the other paths."""
+        stop_pid(self.bouncer, signal.SIGINT)
+        bdir = os.path.join(self.root, "pgbouncer")
+        self.bouncer = subprocess.Popen(["pgbouncer", os.path.join(bdir, "pgbouncer.ini")],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True, **_as_nobody())
+        wait_port(self.bouncer_port, self.bouncer, "pgbouncer")
+
+    def _start_bouncer(self) -> None:
+        assert self.cluster is not None
+        if shutil.which("pgbouncer") is None:
+            raise RuntimeError("pgbouncer not found: apt-get install pgbouncer (make setup does)")
+        bdir = os.path.join(self.root, "pgbouncer")
+        os.makedirs(bdir)
+        self.bouncer_port = free_port()
+        with open(os.path.join(bdir, "userlist.txt"), "w") as fh:
+            fh.write(f'"{self.user}" "{self.password}"\n')
+        ini = os.path.join(bdir, "pgbouncer.ini")
+        with open(ini, "w") as fh:
+            fh.write(
+                "[databases]\n"
+                f"postgres = host=127.0.0.1 port={self.cluster.port} dbname=postgres\n"
+                "[pgbouncer]\n"
+                f"listen_addr = 127.0.0.1\nlisten_port = {self.bouncer_port}\nunix_socket_dir =\n"
+                f"auth_type = scram-sha-256\nauth_file = {bdir}/userlist.txt\n"
+                f"logfile = {bdir}/pgbouncer.log\npidfile = {bdir}/pgbouncer.pid\n"
+                "pool_mode = session\nmax_client_conn = 2000\ndefault_pool_size = 1050\n"
+                "max_db_connections = 1050\nserver_tls_sslmode = require\n"
+                "ignore_startup_parameters = extra_float_digits\n"
+                "log_connections = 0\nlog_disconnections = 0\nserver_login_retry = 1\n"
+            )
+        if os.geteuid() == 0:
+            for name in os.listdir(bdir):
+                shutil.chown(os.path.join(bdir, name), "nobody", "nogroup")
+            shutil.chown(bdir, "nobody", "nogroup")
+        self.bouncer = subprocess.Popen(["pgbouncer", ini], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True, **_as_nobody())
+        wait_port(self.bouncer_port, self.bouncer, "pgbouncer")
+
+    def _start_sidecar(self) -> None:
+        assert self.cluster is not None
+        self.sidecar_port = free_port()
+        upstream = f"host=127.0.0.1 port={self.cluster.port} sslmode=require"
+        log = open(os.path.join(self.root, "sidecar.log"), "wb")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PGSIDECAR_"))}
+        env["PGSIDECAR_LISTEN_MAX_CLIENTS"] = "2000"
+        argv = [sys.executable, *self.sidecar_prefix(), "-m", "pgsidecar", "run",
+                "--listen", f"127.0.0.1:{self.sidecar_port}", "--upstream", upstream,
+                "--metrics", "none", "--log-format", "json", "--log-level", "warning"]
+        self.sidecar = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+        log.close()
+        wait_port(self.sidecar_port, self.sidecar, "pgsidecar")
+
+    def sidecar_prefix(self) -> list[str]:
+        """Interpreter options before `-m pgsidecar`: BENCH_SIDECAR_PROFILE=out.prof runs cProfile."""
+        out = os.environ.get("BENCH_SIDECAR_PROFILE")
+        return ["-m", "cProfile", "-o", out] if out else []
+
+    def stop(self) -> None:
+        # SIGINT lets a cProfile'd sidecar write its profile; pgsidecar treats it like SIGTERM.
+        stop_pid(self.sidecar, signal.SIGINT if os.environ.get("BENCH_SIDECAR_PROFILE") else signal.SIGTERM)
+        stop_pid(self.bouncer, signal.SIGINT)
+        if self.cluster is not None:
+            self.cluster.destroy()
+        shutil.rmtree(self.root, ignore_errors=True)

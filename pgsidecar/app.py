@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 from collections.abc import Callable
 
 from pgsidecar.config.model import Config
@@ -143,21 +142,6 @@ class App:
             self.drops.close()
 
 
-def argv_reloader(argv: list[str] | None = None) -> Callable[[], Config] | None:
-    """Re-read the config as `pgsidecar run ...` read it at start (same file, env and flags)."""
-    from pgsidecar import cli
-    from pgsidecar.config.load import load_config
-
-    try:
-        args = cli.build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    except SystemExit:
-        return None
-    if args.command != "run":
-        return None
-    overrides = cli._overrides(args)
-    return lambda: load_config(path=args.config, env=os.environ, overrides=overrides)
-
-
 def run(config: Config, *, reload: Callable[[], Config] | None = None) -> int:
     install_uvloop()
-    return asyncio.run(App(config, reload=reload or argv_reloader()).run())
+    return asyncio.run(App(config, reload=reload).run())

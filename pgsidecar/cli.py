@@ -57,10 +57,13 @@ def _load(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
     from pgsidecar.app import run
+    from pgsidecar.config.load import load_config
     from pgsidecar.observe.logs import setup_logging
 
     setup_logging(config.log.format, config.log.level)
-    return run(config)
+    overrides = _overrides(args)
+    # SIGHUP re-reads the same file, environment and flags.
+    return run(config, reload=lambda: load_config(path=args.config, env=os.environ, overrides=overrides))
 
 
 def _ts(epoch: float) -> str:

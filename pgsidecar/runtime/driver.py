@@ -125,6 +125,7 @@ class ClientDriver(asyncio.Protocol):
             trusted = peer[0].startswith("127.") or peer[0] in ("::1", "::ffff:127.0.0.1")
         if not self.sidecar.admit(self):
             return
+        log.debug("client connected: %s", peer_text)
         self.feed(ev.ClientConnected(time.monotonic(), time.time(), peer_text, trusted))
 
     def data_received(self, data: bytes) -> None:
@@ -135,6 +136,7 @@ class ClientDriver(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        log.debug("client disconnected: %s (user %s)", self.brain.peer or "?", self.brain.params.get("user"))
         if not self.closed:
             self.feed(ev.ClientClosed(time.monotonic(), str(exc) if exc else None))
         self._teardown()

@@ -164,10 +164,13 @@ def only_error(data: bytes) -> be.ErrorResponse:
 
 
 def log_lines(sidecar: SidecarProcess, needle: str) -> list[dict]:
+    """Lines at info and above that mention ``needle`` (debug traces every connect and close)."""
     out = []
     for line in sidecar.logs().splitlines():
         if needle in line:
-            out.append(json.loads(line))
+            record = json.loads(line)
+            if record.get("level") != "debug":
+                out.append(record)
     return out
 
 

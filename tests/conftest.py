@@ -1,1 +1,6 @@
-pytest_plugins = ["tests.fixtures.postgres", "tests.fixtures.sidecar"]
+pytest_plugins = [
+    "tests.fixtures.postgres",
+    "tests.fixtures.sidecar",
+    "tests.fixtures.faults",
+    "tests.fixtures.netns",
+]

@@ -17,6 +17,7 @@ from typing import Any
 import psycopg2
 import pytest
 
+from tests.fixtures.faults import CLASSIC_KW, RunInThread, request
 from tests.fixtures.netns import NetPath, net_faults, net_pg, netns_sidecars, netpath, upstream_dsn_via  # noqa: F401
 from tests.fixtures.sidecar import SidecarProcess
 
@@ -42,17 +43,21 @@ def _epoch(iso: str) -> float:
 
 
 def _app(path: NetPath, side: SidecarProcess, cluster: Any, name: str) -> Any:
-    """The classic psycopg2 app, connected from inside the namespace, autocommit off."""
-    dsn = side.dsn(password=cluster.users["app"], application_name=name, connect_timeout=10)
+    """The classic psycopg2 app (README's keepalive and connect_timeout settings), connected
+    from inside the namespace, autocommit off."""
+    dsn = side.dsn(password=cluster.users["app"], application_name=name,
+                   **{k: str(v) for k, v in CLASSIC_KW.items()})
     return path.call_inside(lambda: psycopg2.connect(dsn))
 
 
-def _one(conn: Any, query: str) -> Any:
-    with conn.cursor() as cur:
-        cur.execute(query)
-        value = cur.fetchone()[0]
-    conn.commit()
-    return value
+def _one(conn: Any, query: str, timeout_s: float = 30.0) -> Any:
+    """One request (cursor, execute, fetch, commit) in a helper thread: a hang fails the test
+    instead of stalling it, since libpq retries poll() on EINTR and no signal can stop it."""
+    runner = RunInThread(lambda: request(conn, query)[0][0])
+    runner.join(timeout_s)
+    if runner.error is not None:
+        raise runner.error
+    return runner.result
 
 
 def _upstream_flow(cluster: Any, backend_pid: int) -> tuple[str, int]:
@@ -119,9 +124,11 @@ def test_keepalives_keep_a_forgetful_middlebox_from_dropping_the_flow(net_faults
     net_faults.middlebox(timeout_s)  # before any flow starts: conntrack must see the SYNs
     side = netns_sidecars(upstream_dsn_via(net_faults, net_pg), env=SHORT_KEEPALIVE)
     conn = _app(net_faults, side, net_pg, "net-middlebox")
-    # Control: a direct connection across the same middlebox, without keepalives.
-    direct_dsn = net_pg.dsn(host=net_faults.host_addr, sslmode="verify-ca", keepalives=0,
-                            tcp_user_timeout=3000, connect_timeout=5, application_name="net-direct")
+    # Control: a direct connection across the same middlebox, its first keepalive after 60 s.
+    # (libpq sets tcp_user_timeout only when keepalives are on.)
+    direct_dsn = net_pg.dsn(host=net_faults.host_addr, sslmode="verify-ca", keepalives=1,
+                            keepalives_idle=60, tcp_user_timeout=3000, connect_timeout=5,
+                            application_name="net-direct")
     direct = net_faults.call_inside(lambda: psycopg2.connect(direct_dsn))
     try:
         pid1 = _one(conn, "SELECT pg_backend_pid()")

@@ -16,7 +16,6 @@ import sys
 import time
 from types import SimpleNamespace
 
-from pgsidecar.relay import events as ev
 from pgsidecar.relay.connection import SessionPolicy, SidecarConnection
 from pgsidecar.relay.phases import Phase
 from pgsidecar.runtime.driver import ClientDriver, ServerSide

@@ -29,7 +29,9 @@ def _own_and_total(raw: str) -> tuple[collections.Counter, collections.Counter, 
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        frames = stack.split(";")
+        # "func (file.py:123)" -> "func (file.py)": own time per function, not per line.
+        frames = [frame.rsplit(":", 1)[0] + ")" if frame.endswith(")") and ":" in frame else frame
+                  for frame in stack.split(";")]
         samples += count
         own[frames[-1]] += count
         for frame in set(frames):

@@ -71,13 +71,14 @@ def run_pgbench(stack: Stack, path: str, workload: PgbenchWorkload, seconds: int
     return Sample(float(tps.group(1)), float(latency.group(1)) if latency else None, per_txn)
 
 
-def _psql(stack: Stack, path: str, sql: str) -> list[str]:
+def _psql(sql: str) -> list[str]:
+    """psql unaligned, tuples only: the client formats as little as it can."""
     return ["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql]
 
 
 def bulk_bytes(stack: Stack, sql: str) -> int:
     """The size of the result as psql writes it, counted once (untimed) on the direct path."""
-    proc = subprocess.Popen(_psql(stack, "direct", sql), env=stack.env("direct"), stdout=subprocess.PIPE)
+    proc = subprocess.Popen(_psql(sql), env=stack.env("direct"), stdout=subprocess.PIPE)
     assert proc.stdout is not None
     total = 0
     while chunk := proc.stdout.read(1 << 20):
@@ -115,7 +116,7 @@ def run_bulk(stack: Stack, path: str, sql: str, nbytes: int) -> tuple[Sample | N
     if monitor is not None:
         monitor.__enter__()
     try:
-        out = subprocess.run(_psql(stack, path, sql), env=stack.env(path), stdout=subprocess.DEVNULL,
+        out = subprocess.run(_psql(sql), env=stack.env(path), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True, timeout=600)
     finally:
         elapsed = time.perf_counter() - start
@@ -150,7 +151,9 @@ async def _settled_rss(pid: int) -> int:
 
 async def measure_memory(stack: Stack, path: str, counts: tuple[int, ...]) -> MemoryResult:
     """RSS of the proxy with 0, 100, 1000 (`counts`) idle sessions held open at once."""
-    pid, clients, rss = stack.proxy_pid(path), [], {}
+    pid = stack.proxy_pid(path)
+    clients: list[MiniClient] = []
+    rss: dict[int, int] = {}
     try:
         for count in sorted(counts):
             await _open_idle(stack, path, count - len(clients), clients)

@@ -400,18 +400,20 @@ class SidecarConnection:
         return [cmd.SendToServer(data)]
 
     def _note_sql(self, payload: bytes) -> None:
-        if may_commit(payload):
+        # Exact substring prefilters before the regexes: every pattern they match contains one
+        # of these words, and most requests (SELECT, INSERT, UPDATE) contain none of them.
+        low = payload.lower()
+        if (b"commit" in low or b"end" in low or b"prepare" in low) and may_commit(payload):
             self.inflight_commit = True
-        self.book.note_sql(payload)
+        if b"set" in low or b"temp" in low or b"advisory" in low:
+            self.book.note_sql(payload)
 
     def _note_parse(self, t: int, payload: bytes) -> None:
         name_end = payload.find(b"\x00")
         if name_end < 0:
             raise ClientProtocolError("invalid Parse message: statement name is not NUL-terminated")
         query = payload[name_end + 1 :]
-        if may_commit(query):
-            self.inflight_commit = True
-        self.book.note_sql(query)
+        self._note_sql(query)
         if name_end:
             self.book.parses[payload[:name_end].decode("utf-8", "replace")] = (
                 bytes([t]) + (len(payload) + 4).to_bytes(4, "big") + payload

@@ -3,4 +3,5 @@ pytest_plugins = [
     "tests.fixtures.sidecar",
     "tests.fixtures.faults",
     "tests.fixtures.netns",
+    "tests.fixtures.pgbouncer",
 ]

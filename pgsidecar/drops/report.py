@@ -46,6 +46,9 @@ _SERVER_SETTING = {
     DropCause.IDLE_IN_TRANSACTION_TIMEOUT: "idle_in_transaction_session_timeout",
     DropCause.TRANSACTION_TIMEOUT: "transaction_timeout",
 }
+# Causes where the idle age is the mechanism (a timeout somewhere). A restart, crash or terminate
+# hits sessions at whatever idle age they have: a "cluster" there is coincidence, not a finding.
+_IDLE_DRIVEN = _NETWORK_CAUSES | frozenset(_SERVER_SETTING) | {DropCause.UPSTREAM_POOLER}
 _EVIDENCE_WORDS = {
     "postmaster_start_changed": "postmaster start time changed",
     "in_recovery_seen": "server was in recovery",
@@ -347,6 +350,8 @@ def idle_clusters(recs: Sequence[DropRecord]) -> list[dict[str, Any]]:
     for r in recs:
         by_cause.setdefault(r.cause, []).append(r)
     for cause, group in by_cause.items():
+        if cause not in _IDLE_DRIVEN:
+            continue
         for members in find_clusters([r.idle_s for r in group], len(group)):
             lo, hi = members[0], members[-1]
             center = (lo + hi) / 2

@@ -17,6 +17,7 @@ from pgsidecar.relay import events as ev
 from pgsidecar.relay.internal import InternalReplies
 from pgsidecar.relay.login import UpstreamLogin
 from pgsidecar.relay.phases import Phase, check_transition
+from pgsidecar.relay.startup import StartupMixin
 from pgsidecar.relay.recovery import DropTracker, LocalAbortResponder, decide_drop, error_bytes, ready_bytes
 from pgsidecar.session.pending import Owner, PendingReplies, TxStatus
 from pgsidecar.session.replay import plan_replay
@@ -33,9 +34,6 @@ _CLIENT_WANTED = b"QPSCXF"
 _SERVER_WANTED = b"ZECSN"
 # 55.7: every message type a frontend may send after startup; anything else is a protocol violation.
 _FRONTEND_TYPES = b"BCcdDEfFHPpQSX"
-# 55.2.1: a newer minor version or unknown _pq_ options get NegotiateProtocolVersion.
-_PROTOCOL_3_0 = 3 << 16
-_RETRY_STATES = {sqlstate.CANNOT_CONNECT_NOW, sqlstate.TOO_MANY_CONNECTIONS}
 _GIVE_UP_STATES = {sqlstate.INVALID_PASSWORD, sqlstate.INVALID_AUTHORIZATION_SPECIFICATION, sqlstate.INVALID_CATALOG_NAME}
 
 
@@ -62,7 +60,7 @@ class SessionPolicy:
     allow_tls_retry: bool = False  # sslmode=allow: a plaintext login the server rejects is retried over TLS
 
 
-class SidecarConnection:
+class SidecarConnection(StartupMixin):
     """One client session. ``handle(event)`` returns the commands to carry out, in order."""
 
     def __init__(self, policy: SessionPolicy, *, secret: bytes, rng: random.Random | None = None) -> None:
@@ -169,118 +167,6 @@ class SidecarConnection:
         if self.phase is Phase.DRAINING:
             return self._relay_client(event.data)
         return []
-
-    def _startup_data(self, data: bytes) -> list[object]:
-        self.startup.feed(data)
-        out: list[object] = []
-        while self.phase is Phase.STARTUP:
-            payload = self.startup.next_packet()
-            if payload is None:
-                break
-            msg = fe.decode_startup_packet(payload)
-            if isinstance(msg, fe.SSLRequest):
-                if self.client_tls or self.startup.rest():
-                    raise ClientProtocolError("SSLRequest after TLS, or with data pipelined after it")
-                out.append(cmd.StartClientTLS() if self.policy.client_tls else cmd.SendToClient(b"N"))
-            elif isinstance(msg, fe.GSSENCRequest):
-                out.append(cmd.SendToClient(b"N"))
-            elif isinstance(msg, fe.CancelRequest):
-                self._goto(Phase.CLOSED)
-                out += [cmd.ForwardCancel(msg.pid, msg.secret), cmd.CloseClient()]
-            else:
-                out += self._startup_message(msg)
-        return out
-
-    def _startup_message(self, msg: fe.StartupMessage) -> list[object]:
-        if msg.protocol >> 16 != 3:
-            raise ClientProtocolError(
-                f"unsupported frontend protocol {msg.protocol >> 16}.{msg.protocol & 0xFFFF}: "
-                "server supports 3.0 to 3.0"
-            )
-        out: list[object] = []
-        unknown = tuple(k for k in msg.params if k.startswith("_pq_."))
-        if msg.protocol != _PROTOCOL_3_0 or unknown:
-            out.append(cmd.SendToClient(be.NegotiateProtocolVersion(fe.PROTOCOL_3_0, unknown).encode()))
-        params = {k: v for k, v in msg.params.items() if not k.startswith("_pq_.")}
-        if not params.get("user"):
-            return out + self._fatal_to_client(
-                sqlstate.INVALID_AUTHORIZATION_SPECIFICATION, "no PostgreSQL user name specified in startup packet"
-            )
-        refusal = self._transport_refusal()
-        if refusal:
-            return out + self._fatal_to_client(
-                sqlstate.INVALID_AUTHORIZATION_SPECIFICATION, refusal, log=f"refused {self.peer}: {refusal}"
-            )
-        params.setdefault("database", params["user"])
-        if self.policy.upstream_user is not None:
-            params["user"] = self.policy.upstream_user
-        if self.policy.upstream_dbname:
-            params["database"] = self.policy.upstream_dbname
-        if self.policy.application_name and "application_name" not in params:
-            params["application_name"] = self.policy.application_name
-        self.params = params
-        self._goto(Phase.AUTHENTICATING)
-        if self.policy.upstream_user is not None and self.policy.client_auth == "scram":
-            # 55.3 SASL Authentication, with pgsidecar as the server for the local hop.
-            self.client_scram = ScramServer(self.policy.client_password or "")
-            self.client_scan = FrameScanner(b"p", 100_000, client=True)
-            return out + [cmd.SendToClient(be.AuthenticationSASL(("SCRAM-SHA-256",)).encode())]
-        return out + [cmd.CancelTimer("startup"), cmd.OpenServer()]
-
-    def _transport_refusal(self) -> str | None:
-        """Passwords cross only loopback, unix sockets or TLS; configured trust is loopback only."""
-        if self.policy.upstream_user is None:
-            if self.trusted_transport or self.client_tls:
-                return None
-            return "pgsidecar accepts passwords only over loopback, a unix socket or TLS; connect with sslmode=require"
-        if self.policy.client_auth == "trust" and not self.trusted_transport:
-            return "pgsidecar trusts only loopback and unix socket clients (auth.client_auth: trust)"
-        return None
-
-    def _client_scram_data(self, data: bytes) -> list[object]:
-        assert self.client_scram is not None
-        out: list[object] = []
-        for t, payload in self.client_scan.feed(data):
-            scram = self.client_scram
-            try:
-                if not scram.started:
-                    first = fe.SASLInitialResponse.decode(payload)
-                    if first.mechanism != "SCRAM-SHA-256":
-                        raise ClientProtocolError(f"unsupported SASL mechanism {first.mechanism}")
-                    reply = scram.handle_first(first.data)
-                    out.append(cmd.SendToClient(be.AuthenticationSASLContinue(reply).encode()))
-                    continue
-                final = scram.handle_final(fe.SASLResponse.decode(payload).data)
-            except ClientProtocolError as exc:
-                if exc.sqlstate == sqlstate.INVALID_PASSWORD:
-                    user = self.params.get("user", "")
-                    return out + self._fatal_to_client(
-                        sqlstate.INVALID_PASSWORD, f'password authentication failed for user "{user}"',
-                        log="local SCRAM authentication failed")
-                raise
-            self.client_scram = None
-            return out + [cmd.SendToClient(be.AuthenticationSASLFinal(final).encode()),
-                          cmd.CancelTimer("startup"), cmd.OpenServer()]
-        return out
-
-    def _password_data(self, data: bytes) -> list[object]:
-        """The client answers the AuthenticationCleartextPassword we sent on the server's behalf."""
-        if self.client_scram is not None:
-            return self._client_scram_data(data)
-        frames = self.client_scan.feed(data)
-        if self.login is None or not self.login_waiting:
-            raise ClientProtocolError("unexpected message before authentication completed")
-        for t, payload in self._whole(frames, b"p"):
-            password = payload.rstrip(b"\x00").decode("utf-8", "replace")
-            self.password = password
-            self.login_waiting = False
-            return [cmd.CancelTimer("startup"), cmd.SendToServer(self.login.provide_password(password))]
-        return []
-
-    def _whole(self, frames: list, kind: bytes) -> list:
-        if not frames:
-            raise ClientProtocolError(f"expected a password message ({kind!r})")
-        return frames
 
     # ------------------------------------------------------------------ login (first and again)
     def _server_connected(self, event: ev.ServerConnected) -> list[object]:

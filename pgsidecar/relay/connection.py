@@ -102,6 +102,7 @@ class SidecarConnection(StartupMixin):
         self.last_notice: be.NoticeResponse | None = None
         self.client_terminated = False
         self.login_waiting = False
+        self.backoff_pending = False
         self.now = 0.0
         self.client_scram: ScramServer | None = None
         self.tried_tls = False
@@ -163,7 +164,7 @@ class SidecarConnection(StartupMixin):
         if self.phase in (Phase.RECONNECTING, Phase.REPLAYING):
             if self.local_abort is not None:
                 return self._answer_locally(event.data)
-            return self._hold(event.data)
+            return self._hold(event.data) + self._retry_now()
         if self.phase is Phase.DRAINING:
             return self._relay_client(event.data)
         return []
@@ -539,7 +540,17 @@ class SidecarConnection(StartupMixin):
         attempt = self.drops.attempts
         cap = min(self.policy.backoff_max_s, self.policy.backoff_initial_s * (2 ** max(0, attempt - 1)))
         delay = self.rng.uniform(0, cap)  # full jitter: many sessions do not stampede
+        self.backoff_pending = True
         return [cmd.SetTimer("backoff", delay)]
+
+    def _retry_now(self) -> list[object]:
+        """A client request arrived while waiting out a backoff: try at once (one per request),
+        so the wait after the server is back is not the rest of a jittered sleep."""
+        if not self.backoff_pending or self.phase is not Phase.RECONNECTING:
+            return []
+        self.backoff_pending = False
+        self.drops.attempt()
+        return [cmd.CancelTimer("backoff"), cmd.OpenServer()]
 
     def _timer(self, event: ev.Timer) -> list[object]:
         if event.name == "startup" and self.phase in (Phase.STARTUP, Phase.AUTHENTICATING):
@@ -547,6 +558,7 @@ class SidecarConnection(StartupMixin):
             return [cmd.Log("info", f"client {self.peer} did not finish startup in time"),
                     cmd.CloseClient(), cmd.CloseServer()]
         if event.name == "backoff" and self.phase in (Phase.RECONNECTING, Phase.AUTHENTICATING):
+            self.backoff_pending = False
             self.drops.attempt()
             return [cmd.OpenServer()]
         if event.name == "deadline" and self.phase in (Phase.RECONNECTING, Phase.REPLAYING):

@@ -12,7 +12,8 @@ import struct
 from dataclasses import dataclass
 from typing import ClassVar, Self
 
-from pgsidecar.wire.errors import PayloadReader, ServerProtocolError, cstring, typed_message
+from pgsidecar.wire.errors import ServerProtocolError
+from pgsidecar.wire.payload import NoPayload, PayloadReader, cstring, typed_message
 
 __all__ = [
     "AuthenticationOk", "AuthenticationCleartextPassword", "AuthenticationMD5Password",
@@ -480,51 +481,41 @@ class NotificationResponse:
         return cls(pid, channel, text)
 
 
-class _NoPayload:
-    """Messages that are a type byte and a length, nothing more."""
-
+class _ServerNoPayload(NoPayload):
     __slots__ = ()
-    TYPE: ClassVar[bytes]
-
-    def encode(self) -> bytes:
-        return typed_message(self.TYPE)
-
-    @classmethod
-    def decode(cls, payload: bytes | memoryview) -> Self:
-        _reader(payload, cls.__name__).end()
-        return cls()
+    ERROR: ClassVar[type[ServerProtocolError]] = ServerProtocolError
 
 
 @dataclass(frozen=True, slots=True)
-class ParseComplete(_NoPayload):
+class ParseComplete(_ServerNoPayload):
     """Parse succeeded."""
 
     TYPE: ClassVar[bytes] = b"1"
 
 
 @dataclass(frozen=True, slots=True)
-class BindComplete(_NoPayload):
+class BindComplete(_ServerNoPayload):
     """Bind succeeded."""
 
     TYPE: ClassVar[bytes] = b"2"
 
 
 @dataclass(frozen=True, slots=True)
-class CloseComplete(_NoPayload):
+class CloseComplete(_ServerNoPayload):
     """Close succeeded (also sent when the statement or portal did not exist)."""
 
     TYPE: ClassVar[bytes] = b"3"
 
 
 @dataclass(frozen=True, slots=True)
-class EmptyQueryResponse(_NoPayload):
+class EmptyQueryResponse(_ServerNoPayload):
     """The query string was empty; stands in for CommandComplete."""
 
     TYPE: ClassVar[bytes] = b"I"
 
 
 @dataclass(frozen=True, slots=True)
-class NoData(_NoPayload):
+class NoData(_ServerNoPayload):
     """Describe of a statement or portal that returns no rows."""
 
     TYPE: ClassVar[bytes] = b"n"

@@ -15,13 +15,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import ClassVar, Self
 
-from pgsidecar.wire.errors import (
-    ClientProtocolError,
-    PayloadReader,
-    cstring,
-    typed_message,
-    untyped_message,
-)
+from pgsidecar.wire.errors import ClientProtocolError
+from pgsidecar.wire.payload import NoPayload, PayloadReader, cstring, typed_message, untyped_message
 
 __all__ = [
     "PROTOCOL_3_0",
@@ -360,37 +355,27 @@ class Execute:
         return cls(portal, max_rows)
 
 
-class _NoPayload:
-    """Messages that are a type byte and a length, nothing more."""
-
+class _ClientNoPayload(NoPayload):
     __slots__ = ()
-    TYPE: ClassVar[bytes]
-
-    def encode(self) -> bytes:
-        return typed_message(self.TYPE)
-
-    @classmethod
-    def decode(cls, payload: bytes | memoryview) -> Self:
-        _reader(payload, cls.__name__).end()
-        return cls()
+    ERROR: ClassVar[type[ClientProtocolError]] = ClientProtocolError
 
 
 @dataclass(frozen=True, slots=True)
-class Sync(_NoPayload):
+class Sync(_ClientNoPayload):
     """Ends an extended-protocol batch; the server answers with ReadyForQuery."""
 
     TYPE: ClassVar[bytes] = b"S"
 
 
 @dataclass(frozen=True, slots=True)
-class Flush(_NoPayload):
+class Flush(_ClientNoPayload):
     """Asks the server to send what it has buffered, without ending the batch."""
 
     TYPE: ClassVar[bytes] = b"H"
 
 
 @dataclass(frozen=True, slots=True)
-class Terminate(_NoPayload):
+class Terminate(_ClientNoPayload):
     """The client is closing the session on purpose: not a drop."""
 
     TYPE: ClassVar[bytes] = b"X"

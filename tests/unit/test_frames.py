@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pgsidecar.wire.errors import ClientProtocolError, ProtocolError, ServerProtocolError, typed_message
+from pgsidecar.wire.errors import ClientProtocolError, ProtocolError, ServerProtocolError
+from pgsidecar.wire.payload import typed_message
 from pgsidecar.wire.frames import MAX_STARTUP_PACKET, FrameScanner, StartupReader
 
 MAX = 1 << 16

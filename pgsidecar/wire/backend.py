@@ -294,10 +294,23 @@ def _encode_fields(fields: tuple[tuple[str, str], ...]) -> bytes:
 
 
 class _Fields:
-    """Accessors shared by ErrorResponse and NoticeResponse (55.8 field codes)."""
+    """Codec and accessors shared by ErrorResponse and NoticeResponse (55.8 field codes)."""
 
     __slots__ = ()
     fields: tuple[tuple[str, str], ...]
+    TYPE: ClassVar[bytes]
+
+    @classmethod
+    def make(cls, severity: str, code: str, message: str, *,
+             detail: str | None = None, hint: str | None = None) -> Self:
+        return cls(_make_fields(severity, code, message, detail, hint))
+
+    def encode(self) -> bytes:
+        return typed_message(self.TYPE, _encode_fields(self.fields))
+
+    @classmethod
+    def decode(cls, payload: bytes | memoryview) -> Self:
+        return cls(_decode_fields(payload, cls.__name__))
 
     def get(self, code: str) -> str | None:
         for key, value in self.fields:
@@ -349,18 +362,6 @@ class ErrorResponse(_Fields):
 
     TYPE: ClassVar[bytes] = b"E"
 
-    @classmethod
-    def make(cls, severity: str, code: str, message: str, *,
-             detail: str | None = None, hint: str | None = None) -> Self:
-        return cls(_make_fields(severity, code, message, detail, hint))
-
-    def encode(self) -> bytes:
-        return typed_message(self.TYPE, _encode_fields(self.fields))
-
-    @classmethod
-    def decode(cls, payload: bytes | memoryview) -> Self:
-        return cls(_decode_fields(payload, "ErrorResponse"))
-
 
 @dataclass(frozen=True, slots=True)
 class NoticeResponse(_Fields):
@@ -369,18 +370,6 @@ class NoticeResponse(_Fields):
     fields: tuple[tuple[str, str], ...]
 
     TYPE: ClassVar[bytes] = b"N"
-
-    @classmethod
-    def make(cls, severity: str, code: str, message: str, *,
-             detail: str | None = None, hint: str | None = None) -> Self:
-        return cls(_make_fields(severity, code, message, detail, hint))
-
-    def encode(self) -> bytes:
-        return typed_message(self.TYPE, _encode_fields(self.fields))
-
-    @classmethod
-    def decode(cls, payload: bytes | memoryview) -> Self:
-        return cls(_decode_fields(payload, "NoticeResponse"))
 
 
 def error_fields(payload: bytes | memoryview) -> dict[str, str]:

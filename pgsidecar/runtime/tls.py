@@ -232,7 +232,7 @@ def upstream_context(target: UpstreamTarget, *, home: str | None = None) -> ssl.
     if mode is SslMode.VERIFY_FULL:
         # Python ties its name check to SNI; with sslsni=0 and a DNS name the check runs after
         # the handshake instead (upstream.py), as libpq always does it.
-        ctx.check_hostname = target.sslsni or _is_ip_literal(target.host)
+        ctx.check_hostname = target.sslsni or is_ip_literal(target.host)
     _load_client_cert(ctx, target, home_dir)
     return ctx
 
@@ -244,7 +244,8 @@ def _home_dir() -> str | None:
         return None
 
 
-def _is_ip_literal(host: str) -> bool:
+def is_ip_literal(host: str) -> bool:
+    """An IP address, not a name: no SNI is sent for it (RFC 6066 section 3)."""
     try:
         ipaddress.ip_address(host)
     except ValueError:

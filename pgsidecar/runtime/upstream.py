@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import os
 import socket
 import ssl
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pgsidecar.config.model import KeepaliveConfig, SslMode, UpstreamTarget
-from pgsidecar.runtime.tls import CertFacts, cert_facts, host_matches_certificate
+from pgsidecar.runtime.tls import CertFacts, cert_facts, host_matches_certificate, is_ip_literal
 from pgsidecar.wire.frontend import SSLRequest
 
 ERROR_KINDS = (
@@ -286,17 +285,9 @@ def _server_hostname(target: UpstreamTarget, ctx: ssl.SSLContext) -> str:
     """The name for SNI and Python's name check: '' sends no SNI (sslsni=0, or an IP literal)."""
     if ctx.check_hostname:
         return target.host  # Python sends no SNI for an IP literal
-    if target.sslsni and not _is_ip_literal(target.host):
+    if target.sslsni and not is_ip_literal(target.host):
         return target.host
     return ""
-
-
-def _is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 async def _negotiate_ssl(sock: socket.socket, dial: _Dial, address: str) -> ssl.SSLContext | None:

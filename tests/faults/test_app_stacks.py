@@ -26,7 +26,6 @@ from tests.fixtures.faults import (
     FaultRig,
     report_reconnect,
     request,
-    rig_factory,  # noqa: F401 - fixture
     wait_until,
 )
 

@@ -27,7 +27,6 @@ from tests.fixtures.faults import (
     FaultRig,
     assert_no_raw_drop,
     request,
-    rig_factory,  # noqa: F401 - fixture
 )
 
 pytestmark = [pytest.mark.server, pytest.mark.faults]

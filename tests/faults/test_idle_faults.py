@@ -19,7 +19,6 @@ from tests.fixtures.faults import (
     assert_no_raw_drop,
     report_reconnect,
     request,
-    rig_factory,  # noqa: F401 - fixture
 )
 
 pytestmark = [pytest.mark.server, pytest.mark.faults]

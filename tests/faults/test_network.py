@@ -18,7 +18,7 @@ import psycopg2
 import pytest
 
 from tests.fixtures.faults import CLASSIC_KW, RunInThread, request
-from tests.fixtures.netns import NetPath, net_faults, net_pg, netns_sidecars, netpath, upstream_dsn_via  # noqa: F401
+from tests.fixtures.netns import NetPath, upstream_dsn_via
 from tests.fixtures.sidecar import SidecarProcess
 
 pytestmark = [pytest.mark.server, pytest.mark.faults, pytest.mark.netns]

@@ -26,7 +26,7 @@ import pytest
 
 from pgsidecar.drops.classify import Evidence, Observed, classify
 from tests.fixtures.faults import CLASSIC_KW, request, wait_until
-from tests.fixtures.pgbouncer import ErrorSeen, PgBouncerProcess, RawSession, pgbouncer_factory  # noqa: F401
+from tests.fixtures.pgbouncer import ErrorSeen, PgBouncerProcess, RawSession
 from tests.fixtures.postgres import PgCluster
 
 pytestmark = [pytest.mark.server, pytest.mark.faults]

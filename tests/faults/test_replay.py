@@ -19,7 +19,6 @@ import pytest
 from tests.fixtures.faults import (
     report_reconnect,
     request,
-    rig_factory,  # noqa: F401 - fixture
     wait_until,
 )
 

@@ -17,7 +17,6 @@ from tests.fixtures.faults import (
     assert_no_raw_drop,
     report_reconnect,
     request,
-    rig_factory,  # noqa: F401 - fixture
     wait_active,
 )
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import psycopg2
 import pytest
 
-from tests.fixtures.faults import rig_factory  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.server, pytest.mark.faults]
 

@@ -35,6 +35,8 @@ def test_check_reports_server_tls_certificate_and_keepalives(pg):
     assert "subject:" in text and "issuer:" in text and "pgsidecar test CA" in text
     assert "localhost" in text  # a SAN
     assert "expires:" in text
+    # The server offers SCRAM-SHA-256-PLUS over TLS; pgsidecar binds to its certificate.
+    assert "auth: SCRAM-SHA-256-PLUS" in text
     assert "keepalive:       idle 10s, interval 5s, count 3, user timeout 24.5s" in text
     assert "keepidle_s=10" in text and "user_timeout_ms=24500" in text  # read back from the socket
     assert pg.users["app"] not in text + out.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import platform
 import resource
@@ -17,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench import workloads
-from bench.report import PATHS, MemoryResult, Sample, format_memory, format_reconnect, format_table, \
-    summarize, to_json
+from bench import scale, workloads
+from bench.report import PATHS, MemoryResult, Sample, format_memory, format_reconnect, format_scale, \
+    format_table, summarize, to_json
 from bench.stack import Stack
 
 MEMORY_COUNTS = (0, 100, 1000)
@@ -31,13 +32,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="rounds (default 3, quick 1)")
     parser.add_argument("--seconds", type=int, help="seconds per pgbench run (default 10, quick 3)")
     parser.add_argument("--scale", type=int, help="pgbench scale (default 10, quick 5)")
-    parser.add_argument("--only", default="", help="comma-separated: pgbench,bulk,memory,reconnect")
+    parser.add_argument("--only", default="", help="comma-separated: pgbench,bulk,memory,reconnect,scale "
+                        "(scale: many clients querying through pgsidecar; only when named)")
+    parser.add_argument("--scale-clients", type=int, help="clients in the scale run (default 1000, quick 200)")
+    parser.add_argument("--scale-seconds", type=float, help="seconds of the scale run (default 30, quick 10)")
     parser.add_argument("--output", default=str(Path(__file__).with_name("results.json")))
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.seconds = args.seconds or (3 if args.quick else 10)
     args.scale = args.scale or (5 if args.quick else 10)
     args.parts = set(args.only.split(",")) if args.only else {"pgbench", "bulk", "memory", "reconnect"}
+    plan = scale.QUICK if args.quick else scale.FULL
+    args.scale_plan = dataclasses.replace(plan, clients=args.scale_clients or plan.clients,
+                                          seconds=args.scale_seconds or plan.seconds,
+                                          accounts=args.scale * 100_000)
     return args
 
 
@@ -107,6 +115,11 @@ def run(args: argparse.Namespace, stack: Stack) -> int:
             print(f"reconnect {round_no + 1}/{args.rounds} ...", flush=True)
             seconds = asyncio.run(workloads.measure_reconnect(stack))
             reconnect += [seconds] if seconds is not None else []
+    scaled = None
+    if "scale" in args.parts:
+        plan = args.scale_plan
+        print(f"scale: {plan.clients} clients x {plan.seconds:g} s through pgsidecar ...", flush=True)
+        scaled = scale.run_scale(stack, plan)
     summaries = [summarize(name, units[name], by_path) for name, by_path in samples.items()]
     print()
     for summary in summaries:
@@ -118,11 +131,13 @@ def run(args: argparse.Namespace, stack: Stack) -> int:
               + ", ".join(f"{p} {kib:,}" for p, kib in bulk_peak.items()), end="\n\n")
     if "reconnect" in args.parts:
         print(format_reconnect(reconnect), end="\n\n")
+    if scaled is not None:
+        print(format_scale(scaled), end="\n\n")
     meta = {"machine": _machine(), "rounds": args.rounds, "seconds": args.seconds, "scale": args.scale,
             "quick": args.quick, "elapsed_s": round(time.monotonic() - started, 1),
             "bulk_bytes": {name: sizes.get(sql) for name, sql in workloads.BULK_WORKLOADS},
             "bulk_rss_growth_kib": bulk_peak}
-    Path(args.output).write_text(to_json(meta, summaries, memory, reconnect) + "\n")
+    Path(args.output).write_text(to_json(meta, summaries, memory, reconnect, scaled) + "\n")
     print(f"wrote {args.output} ({meta['elapsed_s']} s)")
     return 0
 

@@ -122,7 +122,7 @@ def format_reconnect(seconds: list[float]) -> str:
 
 
 def to_json(meta: dict, summaries: list[Summary], memory: list[MemoryResult],
-            reconnect_s: list[float]) -> str:
+            reconnect_s: list[float], scale: ScaleResult | None = None) -> str:
     """Everything the tables show, plus every round, as one JSON document."""
     doc = {
         "meta": meta,
@@ -132,4 +132,97 @@ def to_json(meta: dict, summaries: list[Summary], memory: list[MemoryResult],
                    for m in memory],
         "reconnect_s": {"rounds": reconnect_s, "median": median(reconnect_s)},
     }
+    if scale is not None:
+        doc["scale"] = scale_json(scale)
     return json.dumps(doc, indent=2, sort_keys=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSnapshot:
+    """What a leak would show in a process from outside: open descriptors, RSS, threads."""
+
+    fds: int
+    rss_kib: int
+    threads: int
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleResult:
+    """Many clients querying at once through one pgsidecar, and the sidecar before, during, after.
+
+    `during` holds the largest values sampled while the clients were connected; `after` is taken
+    `settle_s` after the last client closed; `fds_back_s` is how long the descriptors took to fall
+    back to the baseline (None: they never did within `settle_s`, a leak).
+    """
+
+    clients: int
+    seconds: float
+    connect_s: float
+    connected: int
+    connect_errors: int
+    query_errors: int
+    error_samples: list[str]
+    queries: int
+    latency_ms: dict[str, float | None]
+    before: ProcessSnapshot
+    during: ProcessSnapshot
+    after: ProcessSnapshot
+    settle_s: float
+    fds_back_s: float | None
+    backends: dict[str, int | None]
+    sidecar_cpu_s: float | None = None
+    client_cpu_s: float | None = None
+    nofile: int | None = None
+
+    @property
+    def errors(self) -> int:
+        return self.connect_errors + self.query_errors
+
+    @property
+    def qps(self) -> float:
+        return self.queries / self.seconds if self.seconds else 0.0
+
+
+def percentiles(values: list[float], points: tuple[int, ...] = (50, 95, 99)) -> dict[str, float | None]:
+    """Nearest-rank percentiles and the maximum, keyed "p50", ..., "max"; None for no values."""
+    ordered = sorted(values)
+    out: dict[str, float | None] = {}
+    for point in points:
+        rank = -(-point * len(ordered) // 100)  # ceil(p/100 * n), nearest-rank definition
+        out[f"p{point}"] = ordered[max(rank, 1) - 1] if ordered else None
+    out["max"] = ordered[-1] if ordered else None
+    return out
+
+
+def format_scale(result: ScaleResult) -> str:
+    """Throughput, errors and latency, then the sidecar's descriptors, RSS and threads over time."""
+    lat = "   ".join(f"{k} {_num(v, 3)}" for k, v in result.latency_ms.items())
+    lines = [f"== scale: {result.clients} clients x {result.seconds:.1f} s through one pgsidecar "
+             "(simple protocol: SELECT 1 / pgbench_accounts by aid)",
+             f"queries {result.queries:,}   queries/s {_num(result.qps)}   errors {result.errors} "
+             f"(connect {result.connect_errors}, query {result.query_errors})   "
+             f"connected {result.connected}/{result.clients} in {result.connect_s:.1f} s",
+             f"latency ms   {lat}",
+             f"{'':<18}{'before':>10}{'during':>10}{'after':>10}"]
+    for label, attr in (("sidecar open fds", "fds"), ("sidecar RSS KiB", "rss_kib"),
+                        ("sidecar threads", "threads")):
+        cells = "".join(f"{_num(getattr(s, attr), 0):>10}" for s in (result.before, result.during, result.after))
+        lines.append(f"{label:<18}{cells}")
+    cells = "".join(f"{_num(result.backends.get(k), 0):>10}" for k in ("before", "during", "after"))
+    lines.append(f"{'server backends':<18}{cells}")
+    if result.fds_back_s is None:
+        verdict = f"NO: {result.after.fds - result.before.fds} more than before, {result.settle_s:g} s later"
+    else:
+        verdict = f"yes, {result.fds_back_s:.1f} s after the last client closed"
+    lines.append(f"fds back to baseline: {verdict}")
+    if result.sidecar_cpu_s is not None and result.queries:
+        per_query_us = result.sidecar_cpu_s / result.queries * 1e6
+        lines.append(f"sidecar cpu {result.sidecar_cpu_s:.1f} s ({per_query_us:.1f} us/query); "
+                     f"bench client cpu {_num(result.client_cpu_s)} s; sidecar nofile {result.nofile}")
+    lines += [f"  ! {sample}" for sample in result.error_samples]
+    return "\n".join(lines)
+
+
+def scale_json(result: ScaleResult) -> dict:
+    """The scale run as plain data, with the derived totals a reader would otherwise recompute."""
+    return {**asdict(result), "errors": result.errors, "qps": result.qps}

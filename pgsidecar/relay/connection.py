@@ -439,7 +439,13 @@ class SidecarConnection(StartupMixin):
     def _internal_outcome(self, outcome, now: float) -> list[object]:
         purpose = outcome.purpose
         if purpose == "snapshot":
-            self.book.state = self.internal.snapshot_state(outcome, self.params.get("user", ""))
+            state = self.internal.snapshot_state(outcome, self.params.get("user", ""))
+            self.book.state = state
+            if state.unknown is None:
+                # Keep the Parse bytes of statements that still exist, so a session that
+                # prepares and closes many statements does not grow without bound.
+                parses = self.book.parses
+                self.book.parses = {n: parses[n] for n in state.protocol_statements if n in parses}
             return []
         if purpose in ("facts", "first_facts"):
             facts = self.internal.facts(outcome)

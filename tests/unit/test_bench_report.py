@@ -12,11 +12,15 @@ import pytest
 
 from bench.report import (
     MemoryResult,
+    ProcessSnapshot,
     Sample,
+    ScaleResult,
     format_memory,
     format_reconnect,
+    format_scale,
     format_table,
     median,
+    percentiles,
     ratio,
     summarize,
     to_json,
@@ -96,3 +100,56 @@ def test_reconnect_line_and_json_document() -> None:
     assert workload["samples"]["direct"][0] == {"value": 1000.0, "latency_ms": 1.0, "cpu_us": None}
     assert doc["memory"][0]["per_client_kib"] == {"1000": 50.0}
     assert doc["reconnect_s"] == {"rounds": [0.1, 0.3], "median": 0.2}
+
+
+def _scale(**changes: object) -> ScaleResult:
+    fields: dict = dict(
+        clients=1000, seconds=30.0, connect_s=5.5, connected=1000, connect_errors=0, query_errors=0,
+        error_samples=[], queries=180_000,
+        latency_ms={"p50": 160.0, "p95": 230.5, "p99": 249.0, "max": 368.0},
+        before=ProcessSnapshot(14, 46_000, 5), during=ProcessSnapshot(2014, 95_000, 5),
+        after=ProcessSnapshot(14, 100_000, 5), settle_s=5.0, fds_back_s=1.25,
+        backends={"before": 1, "during": 1001, "after": 1}, sidecar_cpu_s=18.0, client_cpu_s=5.0, nofile=20000)
+    fields.update(changes)
+    return ScaleResult(**fields)
+
+
+def test_percentiles_use_nearest_rank() -> None:
+    values = [float(v) for v in range(100, 0, -1)]  # 1..100, unsorted
+    assert percentiles(values) == {"p50": 50.0, "p95": 95.0, "p99": 99.0, "max": 100.0}
+    assert percentiles([7.0]) == {"p50": 7.0, "p95": 7.0, "p99": 7.0, "max": 7.0}
+    assert percentiles([]) == {"p50": None, "p95": None, "p99": None, "max": None}
+
+
+def test_scale_table_shows_rate_latency_and_the_sidecar_before_during_after() -> None:
+    result = _scale()
+    assert result.qps == 6000.0 and result.errors == 0
+    lines = format_scale(result).splitlines()
+    assert lines[0].startswith("== scale: 1000 clients x 30.0 s through one pgsidecar")
+    assert lines[1] == ("queries 180,000   queries/s 6,000.0   errors 0 (connect 0, query 0)   "
+                        "connected 1000/1000 in 5.5 s")
+    assert lines[2].split() == ["latency", "ms", "p50", "160.000", "p95", "230.500", "p99", "249.000",
+                                "max", "368.000"]
+    rows = {line[:18].strip(): line[18:].split() for line in lines[4:8]}
+    assert rows["sidecar open fds"] == ["14", "2,014", "14"]
+    assert rows["sidecar RSS KiB"] == ["46,000", "95,000", "100,000"]
+    assert rows["server backends"] == ["1", "1,001", "1"]
+    assert lines[8] == "fds back to baseline: yes, 1.2 s after the last client closed"
+    assert lines[9].startswith("sidecar cpu 18.0 s (100.0 us/query)")
+
+
+def test_scale_table_names_a_descriptor_leak_and_the_errors() -> None:
+    result = _scale(after=ProcessSnapshot(20, 100_000, 5), fds_back_s=None, query_errors=2,
+                    error_samples=["client 3: connection closed by the sidecar"])
+    text = format_scale(result)
+    assert "errors 2 (connect 0, query 2)" in text
+    assert "fds back to baseline: NO: 6 more than before, 5 s later" in text
+    assert text.splitlines()[-1] == "  ! client 3: connection closed by the sidecar"
+
+
+def test_scale_goes_into_the_json_document_only_when_run() -> None:
+    assert "scale" not in json.loads(to_json({}, [], [], []))
+    doc = json.loads(to_json({}, [], [], [], _scale()))
+    assert doc["scale"]["qps"] == 6000.0 and doc["scale"]["errors"] == 0
+    assert doc["scale"]["before"] == {"fds": 14, "rss_kib": 46_000, "threads": 5}
+    assert doc["scale"]["latency_ms"]["p99"] == 249.0

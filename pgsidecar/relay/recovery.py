@@ -112,6 +112,11 @@ def _per_sync(owed: int, code: str, message: str, status: bytes) -> bytes:
     return bytes(out)
 
 
+_TEXT_TYPES = frozenset(b"QP")
+_PARSE = ord("P")
+_MAX_TEXT = 1 << 20  # a ROLLBACK is short: longer statement texts are not read whole
+
+
 class LocalAbortResponder:
     """Answers a client that is still inside a transaction the drop rolled back.
 
@@ -129,6 +134,7 @@ class LocalAbortResponder:
         self._batch_commit = False
         self._batch_failed = False
         self._batch_reply = bytearray()
+        self._skip = 0  # bytes still to come of a message answered without reading its body
 
     def _error(self) -> bytes:
         if self.owe_error:
@@ -138,6 +144,10 @@ class LocalAbortResponder:
 
     def feed(self, data: bytes) -> tuple[bytes, bytes, bool]:
         """Returns (reply to the client, bytes after the block ended, whether it ended)."""
+        if self._skip:
+            taken = min(self._skip, len(data))
+            self._skip -= taken
+            data = data[taken:]
         self._buf += data
         reply = bytearray()
         while len(self._buf) >= 5:
@@ -146,7 +156,13 @@ class LocalAbortResponder:
             if ln < 4:
                 raise ClientProtocolError(f"invalid message length {ln}")
             if len(self._buf) < ln + 1:
-                break
+                if t in _TEXT_TYPES and ln <= _MAX_TEXT:
+                    break  # a statement text, read whole to see whether it ends the block
+                # Anything else is answered from its type alone; its body is skipped, not held.
+                self._skip = ln + 1 - len(self._buf)
+                self._buf.clear()
+                ended = self._message(t, b"\x00\x00" if t == _PARSE else b"", reply)
+                return bytes(reply), b"", ended
             payload = bytes(self._buf[5 : ln + 1])
             del self._buf[: ln + 1]
             ended = self._message(t, payload, reply)

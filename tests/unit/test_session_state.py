@@ -334,3 +334,18 @@ def test_extended_protocol_batch_fails_until_a_rollback_batch() -> None:
     assert done and rest == b""
     assert reply == (be.ParseComplete().encode() + be.BindComplete().encode() + be.NoData().encode()
                      + be.CommandComplete("ROLLBACK").encode() + z(b"I"))
+
+
+def test_a_large_message_in_a_lost_transaction_is_skipped_not_held() -> None:
+    """A 2 MB Bind after the drop is answered from its type; its body is never buffered."""
+    responder = LocalAbortResponder(owe_error=True)
+    body = b"\x00" * (2 << 20)
+    bind = b"B" + (len(body) + 4).to_bytes(4, "big") + body
+    chunks = [bind[i : i + 65536] for i in range(0, len(bind), 65536)]
+    for chunk in chunks:
+        reply, rest, done = responder.feed(chunk)
+        assert (reply, rest, done) == (b"", b"", False)
+        assert len(responder._buf) < 65536
+    reply, rest, done = responder.feed(fe.Sync().encode())
+    assert not done and rest == b""
+    assert reply == err("08006", LOST) + z(b"E")

@@ -116,17 +116,16 @@ class StartupMixin:
         """The client answers the AuthenticationCleartextPassword we sent on the server's behalf."""
         if self.client_scram is not None:
             return self._client_scram_data(data)
+        before = self.client_scan.messages
         frames = self.client_scan.feed(data)
         if self.login is None or not self.login_waiting:
             raise ClientProtocolError("unexpected message before authentication completed")
-        for t, payload in self._whole(frames, b"p"):
+        for _t, payload in frames:
             password = payload.rstrip(b"\x00").decode("utf-8", "replace")
             self.password = password
             self.login_waiting = False
             return [cmd.CancelTimer("startup"), cmd.SendToServer(self.login.provide_password(password))]
-        return []
-
-    def _whole(self, frames: list, kind: bytes) -> list:
-        if not frames:
-            raise ClientProtocolError(f"expected a password message ({kind!r})")
-        return frames
+        if self.client_scan.messages != before:
+            # 55.2.1: only a password response is valid here.
+            raise ClientProtocolError("expected a password response message")
+        return []  # the password message is split across reads: wait for the rest

@@ -752,3 +752,26 @@ def test_arbitrary_server_bytes_never_crash(chunks: list[bytes], mode: str) -> N
         pb.server(chunk)  # a broken upstream is a drop, never an exception
         if pb.conn.phase is not Phase.RELAYING:
             break
+
+
+def test_password_split_across_reads() -> None:
+    pb = Playbook()
+    pb.client_connected()
+    pb.client(fe.StartupMessage(dict(PARAMS)).encode())
+    pb.server_connected()
+    pb.server(be.AuthenticationCleartextPassword().encode())
+    data = fe.PasswordMessage(PASSWORD.encode()).encode()
+    assert pb.client(data[:3]) == []
+    assert pb.client(data[3:]) == [cmd.CancelTimer("startup"), cmd.SendToServer(data)]
+
+
+def test_a_query_instead_of_the_password_is_08p01() -> None:
+    pb = Playbook()
+    pb.client_connected()
+    pb.client(fe.StartupMessage(dict(PARAMS)).encode())
+    pb.server_connected()
+    pb.server(be.AuthenticationCleartextPassword().encode())
+    out = pb.client(fe.Query("SELECT 1").encode())
+    (kind, payload), = messages(to_client(out))
+    assert (kind, be.ErrorResponse.decode(payload).code) == (b"E", "08P01")
+    assert cmd.CloseClient() in out

@@ -235,6 +235,11 @@ def run_demo(root: str) -> int:
 
 
 def main(args) -> int:
+    try:
+        import psycopg2  # noqa: F401 - the demo's app is the psycopg2 app of our users' stories
+    except ImportError:
+        _say("pgsidecar demo runs a psycopg2 app: pip install psycopg2-binary (make demo installs it)")
+        return 2
     root = tempfile.mkdtemp(prefix="pgsidecar-demo-")
     try:
         return run_demo(root)

@@ -27,6 +27,7 @@ from pgsidecar.wire import frontend as fe
 from pgsidecar.wire import sqlstate
 from pgsidecar.wire.errors import ClientProtocolError, ProtocolError, ServerProtocolError
 from pgsidecar.wire.frames import FrameScanner, StartupReader
+from pgsidecar.wire.payload import typed_message
 
 _Q, _P, _SYNC, _CLOSE, _TERMINATE, _FCALL = b"Q"[0], b"P"[0], b"S"[0], b"C"[0], b"X"[0], b"F"[0]
 _Z, _E, _N, _CC, _PS = b"Z"[0], b"E"[0], b"N"[0], b"C"[0], b"S"[0]
@@ -73,7 +74,7 @@ class SidecarConnection(StartupMixin):
         self.startup = StartupReader()
         self.client_scan = FrameScanner(_CLIENT_WANTED, policy.max_message_bytes, client=True)
         self.server_scan = FrameScanner(_SERVER_WANTED, policy.max_message_bytes, client=False)
-        self.internal = InternalReplies()
+        self.internal = InternalReplies(policy.max_message_bytes)
         self.drops = DropTracker()
         self.local_abort: LocalAbortResponder | None = None
         self.login: UpstreamLogin | None = None
@@ -302,9 +303,7 @@ class SidecarConnection(StartupMixin):
         query = payload[name_end + 1 :]
         self._note_sql(query)
         if name_end:
-            self.book.parses[payload[:name_end].decode("utf-8", "replace")] = (
-                bytes([t]) + (len(payload) + 4).to_bytes(4, "big") + payload
-            )
+            self.book.parses[payload[:name_end].decode("utf-8", "replace")] = typed_message(bytes([t]), payload)
             self.book.dirty = True
 
     def _needs_check(self, now: float) -> bool:
@@ -376,8 +375,7 @@ class SidecarConnection(StartupMixin):
                 if self._note_server_error(t, payload):
                     # The server's last words are for pgsidecar, not the client: the session
                     # rules decide what the client is told (nothing, 08006, 08007 or a FATAL).
-                    raw = bytes([t]) + (len(payload) + 4).to_bytes(4, "big") + payload
-                    data = data.replace(raw, b"", 1)
+                    data = data.replace(typed_message(bytes([t]), payload), b"", 1)
             elif t == _PS:
                 msg = be.ParameterStatus.decode(payload)
                 self.client_params[msg.name] = msg.value

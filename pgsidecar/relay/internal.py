@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pgsidecar.session.state import SessionState, ServerFacts, parse_facts, parse_snapshot
 from pgsidecar.wire import backend as be
 from pgsidecar.wire.errors import ServerProtocolError
+from pgsidecar.wire.frames import MessageBuffer
+from pgsidecar.wire.payload import typed_message
 
 _ASYNC_TO_CLIENT = frozenset(b"AN")
 
@@ -29,8 +31,8 @@ class InternalOutcome:
 class InternalReplies:
     """Whole-message reader for the replies of injected requests (not the hot path)."""
 
-    def __init__(self) -> None:
-        self._buf = bytearray()
+    def __init__(self, max_len: int = 1073741823) -> None:
+        self._messages = MessageBuffer(max_len, client=False)
         self._purposes: deque[str] = deque()
         self._rows: list[tuple] = []
         self._error: be.ErrorResponse | None = None
@@ -49,26 +51,18 @@ class InternalReplies:
         self._purposes.extend(purposes)
 
     def reset(self) -> None:
-        self._buf.clear()
+        self._messages.clear()
         self._purposes.clear()
         self._rows = []
         self._error = None
         self.forward.clear()
 
     def feed(self, data: bytes) -> list[InternalOutcome]:
-        self._buf += data
+        self._messages.feed(data)
         outcomes: list[InternalOutcome] = []
-        while self._purposes and len(self._buf) >= 5:
-            t = self._buf[0]
-            ln = int.from_bytes(self._buf[1:5], "big")
-            if ln < 4:
-                raise ServerProtocolError(f"invalid message length {ln}")
-            if len(self._buf) < ln + 1:
-                break
-            payload = bytes(self._buf[5 : ln + 1])
-            raw = bytes(self._buf[: ln + 1])
-            del self._buf[: ln + 1]
-            outcome = self._message(t, payload, raw)
+        while self._purposes and (message := self._messages.next()) is not None:
+            t, payload = message
+            outcome = self._message(t, payload, typed_message(bytes([t]), payload))
             if outcome is not None:
                 outcomes.append(outcome)
         return outcomes
@@ -99,9 +93,7 @@ class InternalReplies:
 
     def take_rest(self) -> bytes:
         """Bytes after the last injected reply (replies to client requests sent since)."""
-        out = bytes(self._buf)
-        self._buf.clear()
-        return out
+        return self._messages.rest()
 
     @staticmethod
     def snapshot_state(outcome: InternalOutcome, login_user: str) -> SessionState:

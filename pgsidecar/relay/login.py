@@ -15,6 +15,8 @@ from pgsidecar.auth.scram import ScramClient, channel_binding_for
 from pgsidecar.wire import backend as be
 from pgsidecar.wire import frontend as fe
 from pgsidecar.wire.errors import ServerProtocolError
+from pgsidecar.wire.frames import MessageBuffer
+from pgsidecar.wire.payload import typed_message
 
 
 @dataclass(slots=True)
@@ -57,8 +59,7 @@ class UpstreamLogin:
             channel_binding = channel_binding_for(cert_der)
         self.channel_binding = channel_binding
         self.auth_method: str | None = None
-        self._buf = bytearray()
-        self._max_len = max_len
+        self._messages = MessageBuffer(max_len, client=False)
         self._scram: ScramClient | None = None
         self._awaiting: be.AuthenticationCleartextPassword | be.AuthenticationMD5Password | be.AuthenticationSASL | None = None
         self._result = LoginResult()
@@ -79,26 +80,18 @@ class UpstreamLogin:
     def feed(self, data: bytes) -> LoginStep:
         """Consume server bytes; login is not the hot path, so whole messages are buffered."""
         step = LoginStep()
-        self._buf += data
+        self._messages.feed(data)
         out = bytearray()
-        while len(self._buf) >= 5:
-            t = self._buf[0]
-            ln = int.from_bytes(self._buf[1:5], "big")
-            if ln < 4 or ln > self._max_len:
-                raise ServerProtocolError(f"invalid message length {ln} during login")
-            if len(self._buf) < ln + 1:
-                break
-            payload = bytes(self._buf[5 : ln + 1])
-            del self._buf[: ln + 1]
+        while (message := self._messages.next()) is not None:
+            t, payload = message
             if t == be.ErrorResponse.TYPE[0]:
                 step.error = be.ErrorResponse.decode(payload)
-                step.error_bytes = bytes([t]) + ln.to_bytes(4, "big") + payload
+                step.error_bytes = typed_message(be.ErrorResponse.TYPE, payload)
                 return step
             if t == be.ReadyForQuery.TYPE[0]:
                 if not self._authenticated:
                     raise ServerProtocolError("ReadyForQuery before authentication completed")
-                self._result.leftover = bytes(self._buf)
-                self._buf.clear()
+                self._result.leftover = self._messages.rest()
                 step.send = bytes(out)
                 step.done = self._result
                 return step
@@ -114,7 +107,7 @@ class UpstreamLogin:
             key = be.BackendKeyData.decode(payload)
             self._result.backend_pid, self._result.backend_secret = key.pid, key.secret
         elif t == be.NoticeResponse.TYPE[0]:
-            self._result.notices.append(bytes([t]) + len(payload).to_bytes(4, "big") + payload)
+            self._result.notices.append(typed_message(be.NoticeResponse.TYPE, payload))
         elif t == b"v"[0]:
             pass  # NegotiateProtocolVersion: we ask for 3.0 and no options, so nothing to adapt
         elif t == b"R"[0]:

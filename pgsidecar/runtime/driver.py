@@ -20,6 +20,8 @@ from pgsidecar.relay import events as ev
 from pgsidecar.relay.connection import SidecarConnection
 from pgsidecar.runtime.upstream import UpstreamError, open_upstream, tcp_info
 from pgsidecar.wire import backend as be
+from pgsidecar.wire.errors import ProtocolError
+from pgsidecar.wire.frames import MessageBuffer
 
 if TYPE_CHECKING:
     from pgsidecar.runtime.listener import Sidecar
@@ -216,16 +218,19 @@ class ClientDriver(asyncio.Protocol):
     def _count_errors(self, data: bytes) -> None:
         """Count each ErrorResponse in bytes pgsidecar wrote itself (error paths only, never the
         relayed hot path). Frames: 1 type byte + Int32 length (PostgreSQL docs 55.7)."""
-        pos, end = 0, len(data)
-        while pos + 5 <= end:
-            length = int.from_bytes(data[pos + 1:pos + 5], "big")
-            if length < 4 or pos + 1 + length > end:
+        messages = MessageBuffer(len(data), client=False)
+        messages.feed(data)
+        while True:
+            try:
+                message = messages.next()
+            except ProtocolError:
+                return  # not whole messages: nothing of ours to count
+            if message is None:
                 return
-            if data[pos] == 0x45:  # 'E' ErrorResponse
-                code = be.ErrorResponse.decode(data[pos + 5:pos + 1 + length]).code
+            if message[0] == 0x45:  # 'E' ErrorResponse
+                code = be.ErrorResponse.decode(message[1]).code
                 if code and self.sidecar.on_client_error is not None:
                     self.sidecar.on_client_error(code)
-            pos += 1 + length
 
     def _other(self, command: object) -> None:
         if isinstance(command, cmd.OpenServer):

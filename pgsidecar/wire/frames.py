@@ -176,3 +176,42 @@ class StartupReader:
         out = bytes(self._buf)
         self._buf.clear()
         return out
+
+
+class MessageBuffer:
+    """Whole typed messages, buffered: for login, pgsidecar's own queries and other paths off the
+    hot one, where every message is read in full (FrameScanner serves the relay)."""
+
+    __slots__ = ("_buf", "max_len", "_client")
+
+    def __init__(self, max_len: int, *, client: bool) -> None:
+        self._buf = bytearray()
+        self.max_len = max_len
+        self._client = client
+
+    def feed(self, data: bytes | memoryview) -> None:
+        self._buf += data
+
+    def next(self) -> tuple[int, bytes] | None:
+        """The next whole message as (type byte, payload), or None for need-more."""
+        if len(self._buf) < 5:
+            return None
+        t = self._buf[0]
+        (ln,) = _INT32.unpack_from(self._buf, 1)
+        if ln < 4 or ln > self.max_len:
+            cls = ClientProtocolError if self._client else ServerProtocolError
+            raise cls(f"invalid message length {ln}")
+        if len(self._buf) < ln + 1:
+            return None
+        payload = bytes(self._buf[5 : ln + 1])
+        del self._buf[: ln + 1]
+        return t, payload
+
+    def rest(self) -> bytes:
+        """Bytes after the messages taken so far; the buffer is left empty."""
+        out = bytes(self._buf)
+        self._buf.clear()
+        return out
+
+    def clear(self) -> None:
+        self._buf.clear()

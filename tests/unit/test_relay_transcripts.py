@@ -775,3 +775,20 @@ def test_a_query_instead_of_the_password_is_08p01() -> None:
     (kind, payload), = messages(to_client(out))
     assert (kind, be.ErrorResponse.decode(payload).code) == (b"E", "08P01")
     assert cmd.CloseClient() in out
+
+
+def test_a_notice_during_login_reaches_the_client_well_formed() -> None:
+    """A NOTICE the server sends before ReadyForQuery (e.g. from a login trigger) is passed on
+    with its own length; a wrong length would desynchronise the client's framing."""
+    pb = Playbook()
+    pb.client_connected()
+    pb.client(fe.StartupMessage(dict(PARAMS)).encode())
+    pb.server_connected()
+    pb.server(be.AuthenticationCleartextPassword().encode())
+    pb.client(fe.PasswordMessage(PASSWORD.encode()).encode())
+    notice = be.NoticeResponse.make("NOTICE", "00000", "welcome").encode()
+    data = hello()
+    out = pb.server(data[:-6] + notice + data[-6:])
+    kinds = [kind for kind, _ in messages(to_client(out))]
+    assert kinds[-2:] == [b"N", b"Z"]
+    assert notice in to_client(out)

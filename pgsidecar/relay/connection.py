@@ -21,7 +21,7 @@ from pgsidecar.relay.startup import StartupMixin
 from pgsidecar.relay.recovery import DropTracker, LocalAbortResponder, decide_drop, error_bytes, ready_bytes
 from pgsidecar.session.pending import Owner, PendingReplies, TxStatus
 from pgsidecar.session.replay import plan_replay
-from pgsidecar.session.state import FACTS_SQL, SessionBook, may_commit, snapshot_sql, tag_is_dirty
+from pgsidecar.session.state import FACTS_SQL, SessionBook, snapshot_sql, tag_is_dirty
 from pgsidecar.wire import backend as be
 from pgsidecar.wire import frontend as fe
 from pgsidecar.wire import sqlstate
@@ -288,13 +288,8 @@ class SidecarConnection(StartupMixin):
         return [cmd.SendToServer(data)]
 
     def _note_sql(self, payload: bytes) -> None:
-        # Exact substring prefilters before the regexes: every pattern they match contains one
-        # of these words, and most requests (SELECT, INSERT, UPDATE) contain none of them.
-        low = payload.lower()
-        if (b"commit" in low or b"end" in low or b"prepare" in low) and may_commit(payload):
+        if self.book.note_request(payload):
             self.inflight_commit = True
-        if b"set" in low or b"temp" in low or b"advisory" in low:
-            self.book.note_sql(payload)
 
     def _note_parse(self, t: int, payload: bytes) -> None:
         name_end = payload.find(b"\x00")

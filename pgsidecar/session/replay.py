@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from pgsidecar.session.state import SessionState, _literal
+from pgsidecar.session.state import SessionState, sql_literal
 from pgsidecar.wire import frontend as fe
 
 
@@ -52,7 +52,7 @@ def plan_replay(state: SessionState, parses: dict[str, bytes]) -> ReplayPlan | s
     statements = []
     if calls:
         statements.append(
-            "SELECT " + ", ".join(f"pg_catalog.set_config({_literal(n)}, {_literal(v)}, false)" for n, v in calls)
+            "SELECT " + ", ".join(f"pg_catalog.set_config({sql_literal(n)}, {sql_literal(v)}, false)" for n, v in calls)
         )
     for text in state.sql_statements:
         prepare = prepare_statement_text(text)

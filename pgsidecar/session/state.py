@@ -70,7 +70,7 @@ def is_transaction_end(sql: bytes) -> bool:
 
 def snapshot_sql(custom_names: set[str] | frozenset[str]) -> bytes:
     """One query, one row: the exact replayable and non-replayable state, and server facts."""
-    custom = ", ".join(_literal(name) for name in sorted(custom_names)) or "NULL"
+    custom = ", ".join(sql_literal(name) for name in sorted(custom_names)) or "NULL"
     return (
         "SELECT"
         " (SELECT COALESCE(pg_catalog.json_agg(pg_catalog.json_build_array(name,"
@@ -98,7 +98,7 @@ FACTS_SQL = (
 )
 
 
-def _literal(value: str) -> str:
+def sql_literal(value: str) -> str:
     """A SQL string literal that does not depend on standard_conforming_strings."""
     tag = "$pgsc$"
     if tag in value:
@@ -184,6 +184,15 @@ class SessionBook:
     dirty: bool = False
     custom_names: set[str] = field(default_factory=set)
     parses: dict[str, bytes] = field(default_factory=dict)  # statement name -> whole Parse message
+
+    def note_request(self, sql: bytes) -> bool:
+        """Book one statement text; True when it may commit (its outcome is then unknown if the
+        connection dies under it). Exact substring prefilters run first: every pattern the
+        regexes match contains one of these words, and most requests contain none of them."""
+        low = sql.lower()
+        if b"set" in low or b"temp" in low or b"advisory" in low:
+            self.note_sql(sql)
+        return (b"commit" in low or b"end" in low or b"prepare" in low) and may_commit(sql)
 
     def note_sql(self, sql: bytes) -> None:
         if text_is_dirty(sql):

@@ -349,3 +349,19 @@ def test_a_large_message_in_a_lost_transaction_is_skipped_not_held() -> None:
     reply, rest, done = responder.feed(fe.Sync().encode())
     assert not done and rest == b""
     assert reply == err("08006", LOST) + z(b"E")
+
+
+@pytest.mark.parametrize("sql, commits, dirty", [
+    (b"SELECT abalance FROM pgbench_accounts WHERE aid = 1", False, False),
+    (b"COMMIT", True, False),
+    (b"UPDATE t SET x = 1", False, False),
+    (b"SET search_path = app", False, False),  # plain SET: the "SET" command tag marks it
+    (b"SET app.tenant = 'acme'", False, True),
+    (b"select pg_advisory_lock(1)", False, True),
+    (b"CREATE TEMP TABLE t (x int)", False, True),
+    (b"SELECT t.a FROM t", False, False),
+])
+def test_note_request_books_state_and_says_whether_it_may_commit(sql: bytes, commits: bool, dirty: bool) -> None:
+    book = SessionBook()
+    assert book.note_request(sql) is commits
+    assert book.dirty is dirty

@@ -22,9 +22,11 @@ class StartClientTLS:
 
 @dataclass(frozen=True, slots=True)
 class OpenServer:
-    """Open the upstream socket; ``use_tls`` None means "as sslmode says"."""
+    """Open the upstream socket; ``use_tls`` None means "as sslmode says". ``reconnect`` marks an
+    established session's reconnect, which the runtime serves before first logins."""
 
     use_tls: bool | None = None
+    reconnect: bool = False
 
 
 @dataclass(frozen=True, slots=True)

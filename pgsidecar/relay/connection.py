@@ -18,7 +18,8 @@ from pgsidecar.relay.internal import InternalReplies
 from pgsidecar.relay.login import UpstreamLogin
 from pgsidecar.relay.phases import Phase, check_transition
 from pgsidecar.relay.startup import StartupMixin
-from pgsidecar.relay.recovery import DropTracker, LocalAbortResponder, decide_drop, error_bytes, ready_bytes
+from pgsidecar.relay.dropbook import DropTracker
+from pgsidecar.relay.recovery import LocalAbortResponder, decide_drop, error_bytes, ready_bytes
 from pgsidecar.session.pending import Owner, PendingReplies, TxStatus
 from pgsidecar.session.replay import plan_replay
 from pgsidecar.session.state import FACTS_SQL, SessionBook, snapshot_sql, tag_is_dirty
@@ -206,7 +207,7 @@ class SidecarConnection(StartupMixin):
             # libpq's sslmode=allow: plaintext first; if the server refuses it, try again with TLS.
             self.tried_tls = True
             self.login = None
-            return [cmd.CloseServer(), cmd.OpenServer(use_tls=True)]
+            return [cmd.CloseServer(), cmd.OpenServer(use_tls=True, reconnect=self.phase is Phase.RECONNECTING)]
         if self.phase is Phase.AUTHENTICATING:
             # Issue: the server's own startup and auth errors reach the client unchanged.
             self._goto(Phase.CLOSED)
@@ -518,7 +519,7 @@ class SidecarConnection(StartupMixin):
         self.internal.reset()
         self._goto(Phase.RECONNECTING)
         self.login = None
-        return out + [cmd.SetTimer("deadline", self.policy.reconnect_deadline_s), cmd.OpenServer()]
+        return out + [cmd.SetTimer("deadline", self.policy.reconnect_deadline_s), cmd.OpenServer(reconnect=True)]
 
     def _connect_failed(self, event, text: str) -> list[object]:
         self.login = None
@@ -549,7 +550,7 @@ class SidecarConnection(StartupMixin):
             return []
         self.backoff_pending = False
         self.drops.attempt()
-        return [cmd.CancelTimer("backoff"), cmd.OpenServer()]
+        return [cmd.CancelTimer("backoff"), cmd.OpenServer(reconnect=True)]
 
     def _timer(self, event: ev.Timer) -> list[object]:
         if event.name == "startup" and self.phase in (Phase.STARTUP, Phase.AUTHENTICATING):
@@ -559,7 +560,7 @@ class SidecarConnection(StartupMixin):
         if event.name == "backoff" and self.phase in (Phase.RECONNECTING, Phase.AUTHENTICATING):
             self.backoff_pending = False
             self.drops.attempt()
-            return [cmd.OpenServer()]
+            return [cmd.OpenServer(reconnect=self.phase is Phase.RECONNECTING)]
         if event.name == "deadline" and self.phase in (Phase.RECONNECTING, Phase.REPLAYING):
             return self._give_up(f"could not reconnect within {self.policy.reconnect_deadline_s:g} s: {self.drops.last_error}")
         return []

@@ -467,7 +467,7 @@ def test_server_bad_length_is_treated_as_a_broken_upstream() -> None:
     first_query(pb)
     out = pb.server(b"Z\x00\x00\x00\x01")
     assert isinstance(out[0], cmd.Log) and "server protocol error" in out[0].message
-    assert cmd.CloseServer() in out and cmd.OpenServer() in out  # idle: reconnect, client unaware
+    assert cmd.CloseServer() in out and cmd.OpenServer(reconnect=True) in out  # idle: reconnect, client unaware
     assert to_client(out) == b""
 
 
@@ -478,7 +478,7 @@ def test_idle_drop_is_hidden() -> None:
     pb = Playbook()
     login(pb)
     first_query(pb)
-    assert pb.server_closed() == [cmd.CloseServer(), cmd.SetTimer("deadline", 30.0), cmd.OpenServer()]
+    assert pb.server_closed() == [cmd.CloseServer(), cmd.SetTimer("deadline", 30.0), cmd.OpenServer(reconnect=True)]
     assert pb.conn.phase is Phase.RECONNECTING
     out = reconnect(pb)
     assert out == [out[0], cmd.CancelTimer("deadline")]
@@ -522,7 +522,7 @@ def test_idle_drop_with_the_servers_fatal_is_hidden() -> None:
     out = pb.server(error("FATAL", "57P01", "terminating connection due to administrator command"))
     out += pb.server_closed()
     assert to_client(out) == b""
-    assert out[-3:] == [cmd.CloseServer(), cmd.SetTimer("deadline", 30.0), cmd.OpenServer()]
+    assert out[-3:] == [cmd.CloseServer(), cmd.SetTimer("deadline", 30.0), cmd.OpenServer(reconnect=True)]
     record = drop_record(reconnect(pb))
     assert record["observed"]["sqlstate"] == "57P01"
 
@@ -538,7 +538,7 @@ def test_drop_inside_a_transaction_with_a_request_in_flight() -> None:
     assert pb.client(insert) == [cmd.SendToServer(insert)]
     out = pb.server_closed("reset")
     assert out == [cmd.CloseServer(), cmd.SendToClient(error("ERROR", "08006", LOST_IN_TRANSACTION) + z(b"E")),
-                   cmd.SetTimer("deadline", 30.0), cmd.OpenServer()]
+                   cmd.SetTimer("deadline", 30.0), cmd.OpenServer(reconnect=True)]
     # The client ends its block: answered here, nothing reaches any server.
     rollback = pb.client(fe.Query("ROLLBACK").encode())
     assert rollback == [cmd.SendToClient(be.CommandComplete("ROLLBACK").encode() + z(b"I"))]
@@ -553,7 +553,7 @@ def test_drop_idle_in_transaction_owes_the_error_to_the_next_request() -> None:
     login(pb)
     pb.client(fe.Query("BEGIN").encode())
     pb.server(be.CommandComplete("BEGIN").encode() + z(b"T"))
-    assert pb.server_closed() == [cmd.CloseServer(), cmd.SetTimer("deadline", 30.0), cmd.OpenServer()]
+    assert pb.server_closed() == [cmd.CloseServer(), cmd.SetTimer("deadline", 30.0), cmd.OpenServer(reconnect=True)]
     assert pb.client(fe.Query("SELECT 1").encode()) == [
         cmd.SendToClient(error("ERROR", "08006", LOST_IN_TRANSACTION) + z(b"E"))]
     assert pb.client(fe.Query("ROLLBACK").encode()) == [
@@ -568,7 +568,7 @@ def test_drop_with_an_autocommit_request_in_flight_is_08007() -> None:
     assert pb.client(update) == [cmd.SendToServer(update)]
     out = pb.server_closed("reset")
     assert out == [cmd.CloseServer(), cmd.SendToClient(error("ERROR", "08007", LOST_IN_FLIGHT) + z(b"I")),
-                   cmd.SetTimer("deadline", 30.0), cmd.OpenServer()]
+                   cmd.SetTimer("deadline", 30.0), cmd.OpenServer(reconnect=True)]
     record = drop_record(reconnect(pb))
     assert record["state"] == "request_in_flight" and "08007" in record["impact"]
 
@@ -610,7 +610,7 @@ def test_reconnect_deadline_gives_up_with_fatal_08006() -> None:
     pb.server_closed()
     out = pb.handle(ev.ServerConnectFailed(pb.now + 1, "refused", "connection refused", "ECONNREFUSED"))
     assert out[0] == cmd.CloseServer() and isinstance(out[1], cmd.SetTimer) and out[1].name == "backoff"
-    assert pb.timer("backoff") == [cmd.OpenServer()]
+    assert pb.timer("backoff") == [cmd.OpenServer(reconnect=True)]
     out = pb.timer("deadline")
     sent = to_client(out)
     err = be.ErrorResponse.decode(messages(sent)[0][1])

@@ -39,18 +39,20 @@ class DropLogWriter:
         """Append one record as one line; failures are counted, never raised into the relay."""
         if self.path is None:
             return
-        data = (rec.to_json() + "\n").encode("utf-8")
         with self._lock:
             try:
+                # Client-supplied text (application_name, user) may carry bytes that are not
+                # UTF-8 (kept as surrogate escapes): written as \\xNN, never raised.
+                data = (rec.to_json() + "\n").encode("utf-8", "backslashreplace")
                 if self.path == "-":
                     _write_all(sys.stderr.fileno(), data)
                     return
                 self._prepare(len(data))
                 assert self._fd is not None
                 _write_all(self._fd, data)
-            except OSError as exc:
+            except (OSError, ValueError) as exc:
                 self.failures += 1
-                self.last_error = f"{self.path}: {exc.strerror or exc}"
+                self.last_error = f"{self.path}: {getattr(exc, 'strerror', None) or exc}"
 
     def reopen(self) -> None:
         """Close and reopen the path (SIGHUP after an external logrotate moved the file)."""

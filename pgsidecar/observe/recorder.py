@@ -76,19 +76,21 @@ class DropRecorder:
         self.on_record = on_record
 
     def record(self, driver: object, info: dict[str, Any]) -> DropRecord | None:
+        """Build, write, log and count one record. Never raises into the session that dropped:
+        a record that cannot be built or written is one error line, and the session goes on."""
         try:
             rec = build_record(info, sidecar=self.sidecar, config=self.config)
-        except (KeyError, TypeError, ValueError) as exc:  # an internal bug must not kill the session
+        except Exception as exc:  # an internal bug must not kill the session
             log.error("could not build a drop record: %s (%r)", exc, info)
             return None
         try:
             self.writer.write(rec)
-        except OSError as exc:
-            log.error("could not write the drop log: %s", exc)
-        level = logging.INFO if rec.impact.startswith("transparent") else logging.WARNING
-        log.log(level, human_line(rec), extra={"fields": {"drop": rec.to_dict()}})
-        if self.on_record is not None:
-            self.on_record(rec)
+            level = logging.INFO if rec.impact.startswith("transparent") else logging.WARNING
+            log.log(level, human_line(rec), extra={"fields": {"drop": rec.to_dict()}})
+            if self.on_record is not None:
+                self.on_record(rec)
+        except Exception as exc:
+            log.error("could not write or count a drop record: %s", exc)
         return rec
 
     def reopen(self) -> None:

@@ -114,6 +114,7 @@ class ClientDriver(asyncio.Protocol):
         self.paused_by: set[str] = set()
         self.registered = False
         self.closed = False
+        self.failed = False  # an internal error ended this session; later events are ignored
 
     # ---------------------------------------------------------------- client socket
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -138,10 +139,12 @@ class ClientDriver(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        log.debug("client disconnected: %s (user %s)", self.brain.peer or "?", self.brain.params.get("user"))
-        if not self.closed:
-            self.feed(ev.ClientClosed(time.monotonic(), str(exc) if exc else None))
-        self._teardown()
+        try:
+            log.debug("client disconnected: %s", self.brain.peer or "?")
+            if not self.closed:
+                self.feed(ev.ClientClosed(time.monotonic(), str(exc) if exc else None))
+        finally:
+            self._teardown()
 
     def pause_writing(self) -> None:
         if self.server is not None and self.server.transport is not None:
@@ -180,21 +183,32 @@ class ClientDriver(asyncio.Protocol):
 
     # ---------------------------------------------------------------- commands
     def feed(self, event: object) -> None:
-        """Hand one event to the brain; an internal bug ends this session only, with a log line."""
+        """Hand one event to the brain and carry out its commands. An internal error (in the brain
+        or in carrying out a command) ends this session only: one log line, resources given back."""
+        if self.failed:
+            return
         try:
             commands = self.brain.handle(event)
+            # Relayed server data is the server's; once logged in, a batch that closes the client
+            # carries pgsidecar's own verdict (give up, lost state) even when a server reply caused it.
+            own = type(event) is not ev.ServerData or (
+                self.registered and cmd.CloseClient in map(type, commands))
+            self.run(commands, own)
         except Exception:
-            log.exception("internal error in session %s; closing it", self.brain.peer)
-            self.closed = True
-            self._close_server()
-            if self.client is not None:
-                self.client.close()
+            self.fail(f"internal error in session {self.brain.peer or '?'} on {type(event).__name__}; closing it")
+
+    def fail(self, message: str) -> None:
+        """End this session after an internal error, once: log, close both sockets, free the slot."""
+        if self.failed:
             return
-        # Relayed server data is the server's; once logged in, a batch that closes the client
-        # carries pgsidecar's own verdict (give up, lost state) even when a server reply caused it.
-        own = type(event) is not ev.ServerData or (
-            self.registered and cmd.CloseClient in map(type, commands))
-        self.run(commands, own)
+        self.failed = True
+        log.exception(message)
+        try:
+            self._close_server(abort=True)
+            if self.client is not None:
+                self.client.abort()
+        finally:
+            self._teardown()
 
     def run(self, commands: list, own: bool = True) -> None:
         """Carry out commands; `own` says bytes for the client may hold errors pgsidecar made
@@ -262,6 +276,15 @@ class ClientDriver(asyncio.Protocol):
         else:
             raise TypeError(f"unknown command {command!r}")
 
+    def drain(self) -> None:
+        """Shutdown: the brain decides when this session closes (now, or at its next idle point)."""
+        if self.failed:
+            return
+        try:
+            self.run(self.brain.drain())
+        except Exception:
+            self.fail(f"internal error draining session {self.brain.peer or '?'}; closing it")
+
     def _set_timer(self, name: str, delay: float) -> None:
         old = self.timers.pop(name, None)
         if old is not None:
@@ -301,6 +324,14 @@ class ClientDriver(asyncio.Protocol):
         self.connecting = asyncio.ensure_future(self._connect(use_tls))
 
     async def _connect(self, use_tls: bool | None) -> None:
+        try:
+            await self._connect_once(use_tls)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.fail(f"internal error while connecting upstream for session {self.brain.peer or '?'}; closing it")
+
+    async def _connect_once(self, use_tls: bool | None) -> None:
         side = ServerSide(self)
         try:
             async with self.sidecar.connect_slots:
@@ -336,6 +367,7 @@ class ClientDriver(asyncio.Protocol):
             self.server = None
 
     def _teardown(self) -> None:
+        """Give everything back; safe to call more than once."""
         self.closed = True
         for handle in self.timers.values():
             handle.cancel()

@@ -211,4 +211,4 @@ class Sidecar:
         for server in self.servers:
             server.close()
         for driver in list(self.drivers):
-            driver.run(driver.brain.drain())
+            driver.drain()

@@ -19,7 +19,9 @@ from pgsidecar.relay.login import UpstreamLogin
 from pgsidecar.relay.phases import Phase, check_transition
 from pgsidecar.relay.startup import StartupMixin
 from pgsidecar.relay.dropbook import DropTracker
-from pgsidecar.relay.recovery import LocalAbortResponder, decide_drop, error_bytes, ready_bytes
+from pgsidecar.relay.recovery import (
+    DropSnapshot, GroupAbort, LocalAbortResponder, ServerReason, decide_drop, error_bytes, ready_bytes,
+)
 from pgsidecar.session.pending import Owner, PendingReplies, TxStatus
 from pgsidecar.session.replay import plan_replay
 from pgsidecar.session.state import FACTS_SQL, SessionBook, snapshot_sql, tag_is_dirty
@@ -27,15 +29,20 @@ from pgsidecar.wire import backend as be
 from pgsidecar.wire import frontend as fe
 from pgsidecar.wire import sqlstate
 from pgsidecar.wire.errors import ClientProtocolError, ProtocolError, ServerProtocolError
-from pgsidecar.wire.frames import FrameScanner, StartupReader
-from pgsidecar.wire.payload import typed_message
+from pgsidecar.wire.frames import PREFIX_BYTES, FrameScanner, Prefix, StartupReader, frontend_limits
+from pgsidecar.wire.payload import show, typed_message
 
 _Q, _P, _SYNC, _CLOSE, _TERMINATE, _FCALL = b"Q"[0], b"P"[0], b"S"[0], b"C"[0], b"X"[0], b"F"[0]
 _Z, _E, _N, _CC, _PS = b"Z"[0], b"E"[0], b"N"[0], b"C"[0], b"S"[0]
 _CLIENT_WANTED = b"QPSCXF"
 _SERVER_WANTED = b"ZECSN"
-# 55.7: every message type a frontend may send after startup; anything else is a protocol violation.
-_FRONTEND_TYPES = b"BCcdDEfFHPpQSX"
+# postgres.c SocketBackend: every message type a frontend may send after startup; anything else
+# (a password message 'p' included) makes the server end the session, so pgsidecar refuses it.
+_FRONTEND_TYPES = b"BCcdDEfFHPQSX"
+_SYNC_POINTS = b"QSF"  # each earns one ReadyForQuery and ends a request group
+# Server messages held back while incomplete, so the client never holds part of one we may
+# withhold (the server's last words) or that a drop may cut; larger ones stream.
+_HOLD_TYPES = frozenset(b"EN")
 _GIVE_UP_STATES = {sqlstate.INVALID_PASSWORD, sqlstate.INVALID_AUTHORIZATION_SPECIFICATION, sqlstate.INVALID_CATALOG_NAME}
 
 
@@ -73,11 +80,13 @@ class SidecarConnection(StartupMixin):
         self.pending = PendingReplies()
         self.book = SessionBook()
         self.startup = StartupReader()
-        self.client_scan = FrameScanner(_CLIENT_WANTED, policy.max_message_bytes, client=True)
+        self.client_scan = self._client_scanner()
         self.server_scan = FrameScanner(_SERVER_WANTED, policy.max_message_bytes, client=False)
+        self.client_prefix: bytearray | None = None  # the start of the client message in progress, if kept
+        self.server_tail = b""  # the start of an incomplete server message, held back
         self.internal = InternalReplies(policy.max_message_bytes)
         self.drops = DropTracker()
-        self.local_abort: LocalAbortResponder | None = None
+        self.local_abort: LocalAbortResponder | GroupAbort | None = None
         self.login: UpstreamLogin | None = None
         self.params: dict[str, str] = {}  # startup parameters sent upstream
         self.password: str | None = policy.upstream_password
@@ -101,6 +110,7 @@ class SidecarConnection(StartupMixin):
         self.inflight_commit = False
         self.messages_at_request = 0
         self.last_fatal: be.ErrorResponse | None = None
+        self.last_fatal_raw = b""
         self.last_notice: be.NoticeResponse | None = None
         self.client_terminated = False
         self.login_waiting = False
@@ -143,6 +153,16 @@ class SidecarConnection(StartupMixin):
         if isinstance(event, ev.Timer):
             return self._timer(event)
         raise TypeError(f"unexpected event {event!r}")
+
+    def _client_scanner(self) -> FrameScanner:
+        limit = self.policy.max_message_bytes
+        return FrameScanner(_CLIENT_WANTED, limit, client=True, allowed=_FRONTEND_TYPES,
+                            limits=frontend_limits(limit), marks=_SYNC_POINTS, whole_named_parse=True)
+
+    def _client_at_request_boundary(self) -> bool:
+        """The client's stream sits between requests: no message half sent, no group open."""
+        scan = self.client_scan
+        return scan.at_boundary and scan.messages == scan.last_mark
 
     def _goto(self, phase: Phase) -> None:
         check_transition(self.phase, phase)
@@ -212,7 +232,7 @@ class SidecarConnection(StartupMixin):
             # Issue: the server's own startup and auth errors reach the client unchanged.
             self._goto(Phase.CLOSED)
             return [cmd.SendToClient(raw), cmd.CloseServer(), cmd.CloseClient(),
-                    cmd.Log("info", f"upstream refused login for {self.params.get('user')}: {error.code} {error.message}")]
+                    cmd.Log("info", f"upstream refused login for {show(self.params.get('user', ''))}: {error.code} {error.message}")]
         self.drops.reconnect_error(f"{error.code} {error.message}", error.code)
         if error.code in _GIVE_UP_STATES:
             self._goto(Phase.CLOSED)
@@ -227,7 +247,7 @@ class SidecarConnection(StartupMixin):
             self.client_params = dict(result.params)
             self._goto(Phase.RELAYING)
             self.server_scan = FrameScanner(_SERVER_WANTED, self.policy.max_message_bytes, client=False)
-            self.client_scan = FrameScanner(_CLIENT_WANTED, self.policy.max_message_bytes, client=True, allowed=_FRONTEND_TYPES)
+            self.client_scan = self._client_scanner()
             hello = bytearray(be.AuthenticationOk().encode())
             for name, value in result.params.items():
                 hello += be.ParameterStatus(name, value).encode()
@@ -262,12 +282,16 @@ class SidecarConnection(StartupMixin):
 
     # ------------------------------------------------------------------ relaying: client -> server
     def _relay_client(self, data: bytes) -> list[object]:
-        if not self.pending:
+        scan = self.client_scan
+        if not self.pending and scan.at_boundary and scan.messages == scan.last_mark:
+            # A request boundary: what is sent from here on is the next request.
             self.inflight = []
             self.inflight_bytes = 0
             self.inflight_commit = False
             self.messages_at_request = self.server_scan.messages
-        frames = self.client_scan.feed(data)
+        frames = scan.feed(data)
+        if not scan.at_boundary:
+            self._keep_partial(data)
         for t, payload in frames:
             if t == _SYNC or t == _FCALL:
                 self.pending.expect(Owner.CLIENT)
@@ -288,24 +312,49 @@ class SidecarConnection(StartupMixin):
                 self.inflight = None
         return [cmd.SendToServer(data)]
 
+    def _keep_partial(self, data: bytes) -> None:
+        """Keep the start of the client message this read ended inside (up to
+        reconnect.max_buffered): if the upstream drops now, it can be sent again whole."""
+        seen = self.client_scan.partial_seen
+        limit = self.policy.max_buffered_bytes
+        if seen <= len(data):  # it began in this read
+            self.client_prefix = bytearray(data[len(data) - seen :]) if seen <= limit else None
+        elif self.client_prefix is not None:
+            if seen <= limit:
+                self.client_prefix += data
+            else:
+                self.client_prefix = None
+
     def _note_sql(self, payload: bytes) -> None:
+        if isinstance(payload, Prefix):
+            # Only the start of a long statement was read: it counts as possibly changing session
+            # state (a snapshot at the next idle point) and as possibly committing.
+            self.book.dirty = True
+            self.inflight_commit = True
+            return
         if self.book.note_request(payload):
             self.inflight_commit = True
 
     def _note_parse(self, t: int, payload: bytes) -> None:
         name_end = payload.find(b"\x00")
         if name_end < 0:
+            if isinstance(payload, Prefix):
+                raise ClientProtocolError("invalid Parse message: statement name is too long")
             raise ClientProtocolError("invalid Parse message: statement name is not NUL-terminated")
-        query = payload[name_end + 1 :]
-        self._note_sql(query)
+        if isinstance(payload, Prefix):
+            self._note_sql(payload)
+            return
+        self._note_sql(payload[name_end + 1 :])
         if name_end:
-            self.book.parses[payload[:name_end].decode("utf-8", "replace")] = typed_message(bytes([t]), payload)
+            # The Parse body, once, for replay (the scanner hands it over without copying).
+            self.book.parses[payload[:name_end].decode("utf-8", "surrogateescape")] = payload
             self.book.dirty = True
 
     def _needs_check(self, now: float) -> bool:
         """upstream.check_after_idle: after a long idle, prove the path with one round trip first."""
         limit = self.policy.check_after_idle_s
-        return bool(limit) and not self.pending and now - self.last_server_at > limit
+        return (bool(limit) and not self.pending and now - self.last_server_at > limit
+                and self._client_at_request_boundary())
 
     def _check_then_hold(self, data: bytes) -> list[object]:
         # An empty Sync earns one ReadyForQuery and runs nothing (55.2.3); if the path is dead the
@@ -358,7 +407,12 @@ class SidecarConnection(StartupMixin):
 
     def _server_data_relaying(self, data: bytes, now: float) -> list[object]:
         idle_point = False
-        for t, payload in self.server_scan.feed(data):
+        scan = self.server_scan
+        frames = scan.feed(data)
+        if self.server_tail:
+            data = self.server_tail + data
+            self.server_tail = b""
+        for t, payload in frames:
             if t == _Z:
                 if len(payload) != 1:  # 55.7 ReadyForQuery: exactly one status byte
                     raise ServerProtocolError(f"invalid ReadyForQuery message of {len(payload)} bytes")
@@ -371,19 +425,43 @@ class SidecarConnection(StartupMixin):
                 if self._note_server_error(t, payload):
                     # The server's last words are for pgsidecar, not the client: the session
                     # rules decide what the client is told (nothing, 08006, 08007 or a FATAL).
-                    data = data.replace(typed_message(bytes([t]), payload), b"", 1)
-            elif t == _PS:
+                    raw = typed_message(bytes([t]), payload)
+                    if t == _E:
+                        self.last_fatal_raw = raw
+                    data = data.replace(raw, b"", 1)
+            elif t == _PS and not isinstance(payload, Prefix):
                 msg = be.ParameterStatus.decode(payload)
                 self.client_params[msg.name] = msg.value
+        if not scan.at_boundary:
+            self._hold_server_tail_of(data)
+            data = data[: len(data) - len(self.server_tail)]
         out: list[object] = [cmd.SendToClient(data)] if data else []
-        if idle_point and self.pending.status is TxStatus.IDLE and self.server_scan.at_boundary:
+        if idle_point and self.pending.status is TxStatus.IDLE and scan.at_boundary and self._client_at_request_boundary():
             if self.draining:
                 return out + self._drain_close()
             out += self._at_idle_point()
         return out
 
+    def _hold_server_tail_of(self, data: bytes) -> None:
+        """The read ended inside a server message: hold its start back while it may be one we
+        withhold (E, N) or a bare header, up to PREFIX_BYTES; anything else streams on."""
+        scan = self.server_scan
+        seen, size = scan.partial_seen, scan.partial_size
+        if seen <= len(data) and (size is None or (scan.partial_type in _HOLD_TYPES and size <= PREFIX_BYTES)):
+            self.server_tail = data[len(data) - seen :]
+
+    def _client_holds_part_of_server_message(self) -> bool:
+        scan = self.server_scan
+        return not scan.at_boundary and len(self.server_tail) < scan.partial_seen
+
     def _note_server_error(self, t: int, payload: bytes) -> bool:
-        """Remember a FATAL, or a 57P* WARNING (PG 14+ warns, then closes); True to withhold it."""
+        """Remember a FATAL, or a 57P* WARNING (PG 14+ warns, then closes); True to withhold it.
+        Only a message read whole can be withheld; of a longer one only its start is read."""
+        if isinstance(payload, Prefix):
+            fields = be.error_fields_prefix(payload)
+            if t == _E and fields.get("S") in ("FATAL", "PANIC"):
+                self.last_fatal = be.ErrorResponse(tuple(fields.items()))
+            return False
         if t == _E:
             err = be.ErrorResponse.decode(payload)
             if err.severity in ("FATAL", "PANIC"):
@@ -397,7 +475,8 @@ class SidecarConnection(StartupMixin):
         return False
 
     def _at_idle_point(self) -> list[object]:
-        """Nothing owed, no transaction: read the exact session state if it may have changed."""
+        """Nothing owed, no transaction, the client between requests: read the exact session
+        state if it may have changed (never inside a client message or an open group)."""
         self.inflight = []
         self.inflight_bytes = 0
         if not self.book.dirty or self.client_terminated:
@@ -474,7 +553,7 @@ class SidecarConnection(StartupMixin):
         if resend:
             self.pending.expect(Owner.CLIENT, resend[1])
             self.inflight, self.inflight_bytes = [resend[0]], len(resend[0])
-            self.client_scan = FrameScanner(_CLIENT_WANTED, self.policy.max_message_bytes, client=True, allowed=_FRONTEND_TYPES)
+            # The client scanner keeps its state: the resent bytes are exactly what it has read.
             out.append(cmd.SendToServer(resend[0]))
         return out
 
@@ -504,22 +583,83 @@ class SidecarConnection(StartupMixin):
 
     def _upstream_lost(self, event: ev.ServerClosed) -> list[object]:
         """The upstream ended without the client asking: hide it, or say so honestly."""
-        decision = decide_drop(self, event)
+        decision = decide_drop(self._drop_snapshot())
         self.drops.lost(self, event, decision)
         out: list[object] = [cmd.CloseServer()]
+        if decision.close_silently:
+            self._goto(Phase.CLOSED)
+            return out + self._finish_drop(impact=decision.impact, succeeded=None) + [
+                cmd.CloseClient(), cmd.Log("warning", f"session {self.peer} closed: {decision.impact}")]
         if decision.fatal is not None:
             self._goto(Phase.CLOSED)
-            return out + self._finish_drop(impact=f"fatal {sqlstate.CONNECTION_FAILURE} client closed", succeeded=None) + [
-                cmd.SendToClient(decision.fatal), cmd.CloseClient()]
+            impact = decision.impact if decision.client_protocol_violation else (
+                f"fatal {sqlstate.CONNECTION_FAILURE} client closed")
+            out += self._finish_drop(impact=impact, succeeded=None) + [cmd.SendToClient(decision.fatal), cmd.CloseClient()]
+            if decision.client_protocol_violation:
+                out.append(cmd.Log("info", f"session {self.peer} closed: the server ended it over a client protocol violation"))
+            return out
         if decision.to_client:
             out.append(cmd.SendToClient(decision.to_client))
-        self.local_abort = decision.local_abort
+        self.local_abort = decision.responder
+        if decision.resend is None:
+            # Nothing of a cut client message reaches the new server unless it is sent whole:
+            # the scanner starts again at the message's first byte (rewound) or past it (discarded).
+            self.client_scan.rewind()
+        self.client_prefix = None
+        self.server_tail = b""
         self.pending.clear()
         self.pending.status = TxStatus.IDLE
         self.internal.reset()
         self._goto(Phase.RECONNECTING)
         self.login = None
+        if decision.rewind is not None:
+            if self.local_abort is not None:
+                out += self._answer_locally(decision.rewind)
+            else:
+                self.held.insert(0, decision.rewind)
+                self.held_bytes += len(decision.rewind)
         return out + [cmd.SetTimer("deadline", self.policy.reconnect_deadline_s), cmd.OpenServer(reconnect=True)]
+
+    def _drop_snapshot(self) -> DropSnapshot:
+        """What the session rules look at, taken now (the drop is being decided)."""
+        lost = self.book.state.non_replayable()
+        if self.internal.active_purpose == "snapshot":
+            lost.append("session state changed just before the drop and could not be read")
+        scan = self.client_scan
+        mid = not scan.at_boundary
+        return DropSnapshot(
+            owed=self.pending.client_owed,
+            status=self.pending.status,
+            lost=tuple(lost),
+            on_transaction_loss=self.policy.on_transaction_loss,
+            inflight_commit=self.inflight_commit,
+            proven_unexecuted=self._proven_unexecuted(),
+            inflight=b"".join(self.inflight) if self.inflight is not None else None,
+            reason=self._server_reason(),
+            client_mid=mid,
+            partial_type=scan.partial_type if mid else None,
+            partial_remaining=scan.partial_remaining if mid else None,
+            partial_kept=bytes(self.client_prefix) if mid and self.client_prefix is not None else None,
+            group_sent=scan.messages > scan.last_mark,
+            server_split=self._client_holds_part_of_server_message(),
+        )
+
+    def _server_reason(self) -> ServerReason | None:
+        """What the server said before it closed: its FATAL, or a 57P* WARNING (PG 14+)."""
+        if self.last_fatal is not None and self.last_fatal.code:
+            f = self.last_fatal
+            return ServerReason(f.code, f.message or "", f.severity or "FATAL", self.last_fatal_raw)
+        if self.last_notice is not None and self.last_notice.code:
+            n = self.last_notice
+            return ServerReason(n.code, n.message or "", n.severity or "WARNING")
+        return None
+
+    def _proven_unexecuted(self) -> bool:
+        """57P05 read before any reply to the request: the server never read it (postgres.c)."""
+        fatal = self.last_fatal
+        if fatal is None or fatal.code != sqlstate.IDLE_SESSION_TIMEOUT or self.inflight is None:
+            return False
+        return self.server_scan.messages - self.messages_at_request <= 1
 
     def _connect_failed(self, event, text: str) -> list[object]:
         self.login = None

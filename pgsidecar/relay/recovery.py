@@ -16,6 +16,7 @@ from pgsidecar.session.state import is_transaction_end
 from pgsidecar.wire import backend as be
 from pgsidecar.wire import sqlstate
 from pgsidecar.wire.errors import ClientProtocolError
+from pgsidecar.wire.payload import typed_message
 
 LOST_IN_TRANSACTION = "connection to the server was lost; the transaction was rolled back"
 LOST_IN_FLIGHT = (
@@ -34,87 +35,289 @@ def ready_bytes(status: bytes) -> bytes:
     return be.ReadyForQuery(status).encode()
 
 
+NOT_SENT_WHOLE = (
+    "connection to the server was lost before this request reached it whole; it was not executed"
+)
+KEPT_HINT = (
+    "pgsidecar kept the connection: the transaction was rolled back, and after ROLLBACK "
+    "the next transaction runs on a new server connection"
+)
+
+_Q, _F, _S, _X = b"Q"[0], b"F"[0], b"S"[0], b"X"[0]
+_COPY_TYPES = frozenset(b"dcf")
+_EXTENDED_TYPES = frozenset(b"PBEDCH")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerReason:
+    """What the server said before it ended the session (its last FATAL or 57P* WARNING)."""
+
+    code: str
+    message: str
+    severity: str
+    raw: bytes = b""  # the server's own ErrorResponse, as received (a FATAL only)
+
+
+@dataclass(frozen=True, slots=True)
+class DropSnapshot:
+    """Everything the session rules look at, taken from the session at the moment of the drop."""
+
+    owed: int  # sync points the client still waits for
+    status: TxStatus  # the transaction status of the last ReadyForQuery
+    lost: tuple[str, ...]  # session state that cannot be rebuilt on a new connection
+    on_transaction_loss: str
+    inflight_commit: bool  # a request that may commit is among those owed
+    proven_unexecuted: bool  # 57P05 read before any reply: the server never read the request
+    inflight: bytes | None  # every client byte since the last idle point (None: too many kept)
+    reason: ServerReason | None
+    # The client stream: the message it stopped inside (if any) and the group it belongs to.
+    client_mid: bool = False
+    partial_type: int | None = None
+    partial_remaining: int | None = None  # bytes of it still to come (None: header incomplete)
+    partial_kept: bytes | None = None  # its bytes so far, when within reconnect.max_buffered
+    group_sent: bool = False  # whole messages of the current group (since the last sync point) were sent
+    # The server stream: the client already holds part of a server message.
+    server_split: bool = False
+
+
 @dataclass(slots=True)
 class DropDecision:
     state: str  # idle | in_transaction | request_in_flight
     to_client: bytes = b""
     fatal: bytes | None = None
-    local_abort: LocalAbortResponder | None = None
+    close_silently: bool = False  # the client holds part of a server message: close, never write
+    responder: LocalAbortResponder | GroupAbort | None = None
     resend: tuple[bytes, int] | None = None  # (client bytes, sync points) proven never run
+    rewind: bytes | None = None  # the start of a client message, to send again whole
     impact: str = "transparent"
+    client_protocol_violation: bool = False  # the server ended the session over what the client sent
 
 
-def drop_state(owed: int, status: TxStatus) -> str:
+def drop_state(owed: int, status: TxStatus, group_sent: bool = False) -> str:
     if status is not TxStatus.IDLE:
         return "in_transaction"
-    return "request_in_flight" if owed else "idle"
+    return "request_in_flight" if owed or group_sent else "idle"
 
 
-def decide_drop(conn, event) -> DropDecision:
-    """DESIGN "Session rules": the client sees nothing, an honest error, or a FATAL."""
-    owed = conn.pending.client_owed
-    status = conn.pending.status
-    decision = DropDecision(state=drop_state(owed, status))
-    lost = conn.book.state.non_replayable()
-    if conn.internal.active_purpose == "snapshot":
-        lost.append("session state changed just before the drop and could not be read")
-    if lost:
+def decide_drop(snap: DropSnapshot) -> DropDecision:
+    """The session rules (docs/session-rules.md): the client sees nothing, an honest error, or a
+    FATAL; a client message the drop cut in two is sent again whole or answered and discarded."""
+    decision = DropDecision(state=drop_state(snap.owed, snap.status, snap.group_sent))
+    reason = snap.reason
+    if snap.server_split:
+        # Anything we wrote now would be read as the rest of that message.
+        decision.close_silently = True
+        decision.impact = "client closed: the drop split a server message the client had partly received"
+        return decision
+    if reason is not None and reason.code == sqlstate.PROTOCOL_VIOLATION:
+        # The server ended the session over the client's bytes: not a drop to hide.
+        decision.client_protocol_violation = True
+        decision.fatal = reason.raw or error_bytes("FATAL", reason.code, reason.message)
+        decision.impact = f"fatal {reason.code} from the server (client protocol violation) passed on"
+        return decision
+    if snap.lost:
         decision.fatal = error_bytes(
             "FATAL", sqlstate.CONNECTION_FAILURE,
-            "connection to the server was lost and the session held " + ", ".join(lost)
+            "connection to the server was lost and the session held " + ", ".join(snap.lost)
             + ", which cannot be restored on a new connection",
         )
         return decision
     if decision.state == "idle":
-        return decision
-    if conn.policy.on_transaction_loss == "close":
-        code = sqlstate.TRANSACTION_RESOLUTION_UNKNOWN if decision.state == "request_in_flight" else sqlstate.CONNECTION_FAILURE
-        decision.fatal = error_bytes("FATAL", code, LOST_IN_FLIGHT if code != sqlstate.CONNECTION_FAILURE else LOST_IN_TRANSACTION)
+        if not snap.client_mid:
+            return decision
+        if snap.partial_kept is not None:
+            decision.rewind = snap.partial_kept
+            decision.impact = "transparent (a request cut by the drop was sent again whole: it had not reached the server)"
+            return decision
+        return _abort_partial(decision, snap, error_bytes("ERROR", sqlstate.CONNECTION_FAILURE, NOT_SENT_WHOLE),
+                              f"error {sqlstate.CONNECTION_FAILURE} sent to client (a request the drop cut was not executed)")
+    if snap.on_transaction_loss == "close":
+        decision.fatal = _close_fatal(decision.state, reason)
         return decision
     if decision.state == "request_in_flight":
-        if _proven_unexecuted(conn):
-            decision.resend = (b"".join(conn.inflight), owed)
+        if snap.proven_unexecuted and snap.inflight is not None:
+            decision.resend = (snap.inflight, snap.owed)
             decision.impact = "transparent (request resent: the server ended the session before reading it)"
             return decision
-        decision.to_client = _per_sync(owed, sqlstate.TRANSACTION_RESOLUTION_UNKNOWN, LOST_IN_FLIGHT, b"I")
+        decision.to_client = _per_sync(snap.owed, _in_flight_error(reason), b"I")
         decision.impact = f"error {sqlstate.TRANSACTION_RESOLUTION_UNKNOWN} sent to client"
-        return decision
-    if owed and conn.inflight_commit:
-        decision.to_client = _per_sync(owed, sqlstate.TRANSACTION_RESOLUTION_UNKNOWN, LOST_IN_FLIGHT, b"I")
+        return _abort_rest_of_group(decision, snap, reason)
+    if snap.owed and snap.inflight_commit:
+        decision.to_client = _per_sync(snap.owed, _in_flight_error(reason), b"I")
         decision.impact = f"error {sqlstate.TRANSACTION_RESOLUTION_UNKNOWN} sent to client (COMMIT in flight)"
-        return decision
-    if owed:
-        decision.to_client = _per_sync(owed, sqlstate.CONNECTION_FAILURE, LOST_IN_TRANSACTION, b"E")
-        decision.local_abort = LocalAbortResponder(owe_error=False)
+        return _abort_rest_of_group(decision, snap, reason)
+    lost_error = _lost_transaction_error(reason)
+    if snap.owed:
+        decision.to_client = _per_sync(snap.owed, lost_error, b"E")
+        decision.responder = LocalAbortResponder(owe_error=False)
     else:
-        decision.local_abort = LocalAbortResponder(owe_error=True)
-    decision.impact = f"error {sqlstate.CONNECTION_FAILURE} sent to client (transaction rolled back)"
+        decision.responder = LocalAbortResponder(owe_error=True, first_error=lost_error)
+    code = reason.code if reason is not None else sqlstate.CONNECTION_FAILURE
+    decision.impact = f"error {code} sent to client (transaction rolled back)"
+    if snap.client_mid:
+        if snap.partial_kept is not None:
+            decision.rewind = snap.partial_kept  # the responder reads it from its start
+        else:
+            assert snap.partial_type is not None and snap.partial_remaining is not None
+            decision.to_client += decision.responder.begin_partial(snap.partial_type, snap.partial_remaining)
     return decision
 
 
-def _proven_unexecuted(conn) -> bool:
-    """57P05 read before any reply to the request: the server never read it (postgres.c)."""
-    fatal = conn.last_fatal
-    if fatal is None or fatal.code != sqlstate.IDLE_SESSION_TIMEOUT or conn.inflight is None:
-        return False
-    return conn.server_scan.messages - conn.messages_at_request <= 1
+def _abort_rest_of_group(decision: DropDecision, snap: DropSnapshot, reason: ServerReason | None) -> DropDecision:
+    """After the owed replies: the group in progress (if any) gets its own error, as the server
+    would give it; 08007 when part of it reached the old server, else it was never executed."""
+    if not snap.client_mid and not snap.group_sent:
+        return decision
+    if snap.group_sent:
+        error = _in_flight_error(reason)
+    else:
+        error = error_bytes("ERROR", sqlstate.CONNECTION_FAILURE, NOT_SENT_WHOLE)
+    return _abort_partial(decision, snap, error, decision.impact)
 
 
-def _per_sync(owed: int, code: str, message: str, status: bytes) -> bytes:
+def _abort_partial(decision: DropDecision, snap: DropSnapshot, error: bytes, impact: str) -> DropDecision:
+    responder = GroupAbort(error, group_open=snap.group_sent)
+    if snap.group_sent:
+        decision.to_client += responder.error_now()  # a client waiting after Flush hears it at once
+    if snap.client_mid:
+        if snap.partial_kept is not None:
+            decision.rewind = snap.partial_kept
+        else:
+            assert snap.partial_type is not None and snap.partial_remaining is not None
+            decision.to_client += responder.begin_partial(snap.partial_type, snap.partial_remaining)
+    if not responder.done:
+        decision.responder = responder
+    decision.impact = impact
+    return decision
+
+
+def _close_fatal(state: str, reason: ServerReason | None) -> bytes:
+    """on_transaction_loss: close: the server's own FATAL when it said why, as PgBouncer passes it."""
+    if reason is not None:
+        if reason.raw:
+            return reason.raw
+        return error_bytes("FATAL", reason.code, reason.message)
+    if state == "request_in_flight":
+        return error_bytes("FATAL", sqlstate.TRANSACTION_RESOLUTION_UNKNOWN, LOST_IN_FLIGHT)
+    return error_bytes("FATAL", sqlstate.CONNECTION_FAILURE, LOST_IN_TRANSACTION)
+
+
+def _lost_transaction_error(reason: ServerReason | None) -> bytes:
+    """The server's own SQLSTATE and words (57P01, 25P03, ...) when it said why, else 08006."""
+    if reason is None:
+        return error_bytes("ERROR", sqlstate.CONNECTION_FAILURE, LOST_IN_TRANSACTION)
+    return error_bytes("ERROR", reason.code, reason.message, hint=KEPT_HINT)
+
+
+def _in_flight_error(reason: ServerReason | None) -> bytes:
+    message = LOST_IN_FLIGHT
+    if reason is not None:
+        message += f"; the server said: {reason.message} ({reason.code})"
+    return error_bytes("ERROR", sqlstate.TRANSACTION_RESOLUTION_UNKNOWN, message)
+
+
+def _per_sync(owed: int, first: bytes, status: bytes) -> bytes:
     """One error and one ReadyForQuery per sync point the client still waits for."""
     out = bytearray()
     for i in range(owed):
         if i == 0 or status == b"I":
-            out += error_bytes("ERROR", code, message)
+            out += first
         else:
             out += error_bytes("ERROR", sqlstate.IN_FAILED_SQL_TRANSACTION, IN_FAILED_TRANSACTION)
         out += ready_bytes(status)
     return bytes(out)
 
 
+class GroupAbort:
+    """Answers the rest of a request group the drop cut off, the way PostgreSQL answers a group
+    whose message failed (55.2.3): one ErrorResponse, everything up to Sync discarded, then
+    ReadyForQuery. A simple Query or FunctionCall is its own group. Bodies are skipped by their
+    length, never read, so nothing inside them is ever taken for a message."""
+
+    def __init__(self, error: bytes, *, group_open: bool) -> None:
+        self._error = error
+        self._error_sent = False
+        self._group_open = group_open  # inside an extended-protocol group: discard until Sync
+        self._skip = 0  # body bytes of the current message still to discard
+        self._head = b""  # a header split across reads
+        self._ends_after_skip = False
+        self.done = False
+
+    def error_now(self) -> bytes:
+        if self._error_sent:
+            return b""
+        self._error_sent = True
+        return self._error
+
+    def begin_partial(self, t: int, remaining: int) -> bytes:
+        """The drop cut a message of type ``t``: answer it by its type; its rest is discarded."""
+        reply = bytearray()
+        ends = self._message(t, reply)
+        self._skip = remaining
+        if ends:
+            self._ends_after_skip = bool(remaining)
+            self.done = not remaining
+        return bytes(reply)
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes, bool]:
+        """Returns (reply to the client, bytes after the group ended, whether it ended)."""
+        reply = bytearray()
+        i, n = 0, len(data)
+        while not self.done and i < n:
+            if self._skip:
+                take = min(self._skip, n - i)
+                self._skip -= take
+                i += take
+                if not self._skip and self._ends_after_skip:
+                    self.done = True
+                continue
+            need = 5 - len(self._head)
+            piece = data[i : i + need]
+            self._head += piece
+            i += len(piece)
+            if len(self._head) < 5:
+                break
+            head, self._head = self._head, b""
+            t = head[0]
+            ln = int.from_bytes(head[1:5], "big")
+            if ln < 4:
+                raise ClientProtocolError(f"invalid message length {ln}")
+            if t == _X:
+                # The client is leaving: its Terminate goes back to the session, which ends as usual.
+                self.done = True
+                return bytes(reply), head + data[i:], True
+            ends = self._message(t, reply)
+            self._skip = ln - 4
+            if ends:
+                self._ends_after_skip = bool(self._skip)
+                self.done = not self._skip
+        return bytes(reply), (data[i:] if self.done else b""), self.done
+
+    def _message(self, t: int, reply: bytearray) -> bool:
+        """Answer one message by its type; True when it ends the group."""
+        if t in _COPY_TYPES:
+            # Outside a group only the cut CopyData itself is here: its COPY was answered already.
+            return not self._group_open
+        if t == _S:
+            reply += self.error_now() + ready_bytes(b"I")
+            return True
+        if t in (_Q, _F):
+            if self._group_open:
+                return False  # after an extended-protocol error the server discards all until Sync
+            reply += self.error_now() + ready_bytes(b"I")
+            return True
+        if t in _EXTENDED_TYPES:
+            self._group_open = True
+            reply += self.error_now()
+            return False
+        if t == _X:
+            return True
+        raise ClientProtocolError(f"invalid frontend message type {t}")
+
+
 _TEXT_TYPES = frozenset(b"QP")
 _PARSE = ord("P")
-_MAX_TEXT = 1 << 20  # a ROLLBACK is short: longer statement texts are not read whole
+_MAX_TEXT = 64 * 1024  # a ROLLBACK is short: longer statement texts are not read whole
 
 
 class LocalAbortResponder:
@@ -127,8 +330,10 @@ class LocalAbortResponder:
     answering it ROLLBACK, an ordinary tag, would let the app believe its writes were committed.
     """
 
-    def __init__(self, *, owe_error: bool) -> None:
+    def __init__(self, *, owe_error: bool, first_error: bytes | None = None) -> None:
         self.owe_error = owe_error
+        # The first error tells why the transaction was lost (the server's own SQLSTATE if it said).
+        self._first_error = first_error or error_bytes("ERROR", sqlstate.CONNECTION_FAILURE, LOST_IN_TRANSACTION)
         self._buf = bytearray()
         self._batch_end = False
         self._batch_commit = False
@@ -139,8 +344,17 @@ class LocalAbortResponder:
     def _error(self) -> bytes:
         if self.owe_error:
             self.owe_error = False
-            return error_bytes("ERROR", sqlstate.CONNECTION_FAILURE, LOST_IN_TRANSACTION)
+            return self._first_error
         return error_bytes("ERROR", sqlstate.IN_FAILED_SQL_TRANSACTION, IN_FAILED_TRANSACTION)
+
+    def begin_partial(self, t: int, remaining: int) -> bytes:
+        """The drop cut a message of type ``t``: answer it from its type alone; its rest is skipped."""
+        self._skip = remaining
+        if t == _X:
+            return b""  # a cut Terminate: the client is leaving
+        reply = bytearray()
+        self._message(t, b"\x00\x00" if t == _PARSE else b"", reply)
+        return bytes(reply)
 
     def feed(self, data: bytes) -> tuple[bytes, bytes, bool]:
         """Returns (reply to the client, bytes after the block ended, whether it ended)."""

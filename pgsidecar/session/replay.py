@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from pgsidecar.session.state import SessionState, sql_literal
 from pgsidecar.wire import frontend as fe
+from pgsidecar.wire.payload import typed_message
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +66,8 @@ def plan_replay(state: SessionState, parses: dict[str, bytes]) -> ReplayPlan | s
     if statements:
         data += fe.Query("; ".join(statements)).encode()
         purposes.append("replay")
-    kept = [parses[name] for name in state.protocol_statements if name in parses]
+    # Parse bodies (one copy each, kept by the relay), framed again only now.
+    kept = [typed_message(b"P", parses[name]) for name in state.protocol_statements if name in parses]
     missing = [name for name in state.protocol_statements if name not in parses]
     if missing:
         return f"prepared statement(s) {', '.join(missing)} were created in a way pgsidecar cannot repeat"

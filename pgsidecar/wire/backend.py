@@ -388,6 +388,18 @@ def error_fields(payload: bytes | memoryview) -> dict[str, str]:
     return fields
 
 
+def error_fields_prefix(payload: bytes | memoryview) -> dict[str, str]:
+    """The fields found whole in the start of a long ErrorResponse or NoticeResponse (the rest
+    was not read): severity and SQLSTATE come first in PostgreSQL's messages (elog.c)."""
+    raw = bytes(payload)
+    fields: dict[str, str] = {}
+    for part in raw.split(b"\0")[:-1]:
+        if not part:
+            break
+        fields[chr(part[0])] = part[1:].decode("utf-8", "surrogateescape")
+    return fields
+
+
 # --- Query cycle ---
 
 

@@ -19,28 +19,72 @@ _INT32 = Struct("!I")
 #: PostgreSQL rejects startup packets over 10000 bytes (``MAX_STARTUP_PACKET_LENGTH``, postmaster.c).
 MAX_STARTUP_PACKET = 10000
 
+#: postgres.c SocketBackend checks the length word (which counts itself) of every frontend message
+#: against a limit chosen by its type: PQ_SMALL_MESSAGE_LIMIT for these, PQ_LARGE_MESSAGE_LIMIT
+#: (MaxAllocSize - 1) for Query, FunctionCall, Bind, Parse and CopyData. A violation ends the
+#: backend ("invalid message length"), so pgsidecar applies the same limits before relaying.
+SMALL_FRONTEND_TYPES = b"CDEHScfX"
+PQ_SMALL_MESSAGE_LIMIT = 10000
+PQ_LARGE_MESSAGE_LIMIT = 0x3FFFFFFF - 1
+
+#: Bodies of wanted messages that span reads are collected up to this many bytes (the brain
+#: reads statement texts, error fields and tags from the start); the rest streams uncopied.
+PREFIX_BYTES = 64 * 1024
+
+_PARSE = ord("P")
+
+
+def frontend_limits(max_len: int) -> list[int]:
+    """Per-type length limits for a client stream: PostgreSQL's, capped by ``max_len``."""
+    limits = [min(max_len, PQ_LARGE_MESSAGE_LIMIT)] * 256
+    for t in SMALL_FRONTEND_TYPES:
+        limits[t] = min(max_len, PQ_SMALL_MESSAGE_LIMIT)
+    return limits
+
+
+class Prefix(bytes):
+    """The first bytes of a message body that spanned reads and was too long to collect whole."""
+
+    __slots__ = ()
+
 
 class FrameScanner:
     """Walks one direction of a session by headers; returns only the frames the caller wants.
 
     ``feed(chunk)`` returns a list of ``(type_byte, payload)`` for the wanted types whose bytes are
     complete, in stream order. Every other message is skipped by its length. ``messages`` counts
-    all complete messages seen, so the caller can tell "nothing arrived" from "something did".
+    all complete messages seen, so the caller can tell "nothing arrived" from "something did";
+    ``last_mark`` is that count just after the last message of a type in ``marks`` (the client's
+    sync points), so messages sent since then are ``messages - last_mark``.
+
+    A wanted message that lies whole in one read is returned whole (its copy is bounded by the
+    read). One that spans reads is collected up to ``prefix`` bytes and returned as ``Prefix``,
+    except a named Parse (``whole_named_parse``), which is kept whole for replay.
     """
 
-    __slots__ = ("wanted", "allowed", "max_len", "messages", "_skip", "_type", "_body", "_head", "_client")
+    __slots__ = ("wanted", "allowed", "max_len", "limits", "prefix", "marks", "messages", "last_mark",
+                 "_skip", "_type", "_size", "_body", "_cap", "_head", "_client", "_named_parse")
 
-    def __init__(self, wanted: bytes, max_len: int, *, client: bool, allowed: bytes | None = None) -> None:
+    def __init__(self, wanted: bytes, max_len: int, *, client: bool, allowed: bytes | None = None,
+                 limits: list[int] | None = None, prefix: int | None = PREFIX_BYTES, marks: bytes = b"",
+                 whole_named_parse: bool = False) -> None:
         self.wanted = frozenset(wanted)
         # Types outside ``allowed`` are refused (a frontend message type PostgreSQL would reject).
         self.allowed = frozenset(allowed) if allowed is not None else None
         self.max_len = max_len
+        self.limits = limits if limits is not None else [max_len] * 256
+        self.prefix = prefix if prefix is not None else max_len
+        self.marks = frozenset(marks)
         self.messages = 0
+        self.last_mark = 0
         self._skip = 0  # bytes of the current message body still to come
         self._type = 0
+        self._size = 0  # the current message's whole size: type byte + length word + body
         self._body: bytearray | None = None  # body being collected (wanted types only)
+        self._cap = 0  # how much of it to collect
         self._head = b""  # a header split across reads
         self._client = client
+        self._named_parse = whole_named_parse
 
     def _error(self, text: str) -> ProtocolError:
         cls = ClientProtocolError if self._client else ServerProtocolError
@@ -50,6 +94,38 @@ class FrameScanner:
     def at_boundary(self) -> bool:
         """True when the bytes fed so far end exactly at a message boundary."""
         return self._skip == 0 and not self._head
+
+    @property
+    def partial_type(self) -> int | None:
+        """The type byte of the message the stream stopped inside (None at a boundary)."""
+        if self._skip:
+            return self._type
+        return self._head[0] if self._head else None
+
+    @property
+    def partial_seen(self) -> int:
+        """How many bytes of that message (header included) have been fed so far."""
+        if self._skip:
+            return self._size - self._skip
+        return len(self._head)
+
+    @property
+    def partial_remaining(self) -> int | None:
+        """Bytes of that message still to come; None while its header is incomplete."""
+        if self._skip:
+            return self._skip
+        return None if self._head else 0
+
+    @property
+    def partial_size(self) -> int | None:
+        """The whole size of that message; None while its header is incomplete."""
+        return self._size if self._skip else None
+
+    def rewind(self) -> None:
+        """Forget the message the stream stopped inside, as if its bytes had never been fed."""
+        self._skip = 0
+        self._head = b""
+        self._body = None
 
     def feed(self, data: bytes | memoryview) -> list[tuple[int, bytes]]:
         out: list[tuple[int, bytes]] = []
@@ -70,18 +146,20 @@ class FrameScanner:
             i = self._start(t, ln, data, i + need, out)
         wanted = self.wanted
         allowed = self.allowed
-        max_len = self.max_len
+        limits = self.limits
         unpack = _HEADER.unpack_from
         count = 0
         while i + 5 <= n:
             t, ln = unpack(data, i)
-            if ln < 4 or ln > max_len:
+            if ln < 4 or ln > limits[t]:
                 self.messages += count
                 raise self._error(self._bad_length(t, ln))
             end = i + 1 + ln
             if end <= n:
                 if t in wanted:
                     out.append((t, bytes(data[i + 5 : end])))
+                    if t in self.marks:
+                        self.last_mark = self.messages + count + 1
                 elif allowed is not None and t not in allowed:
                     self.messages += count
                     raise self._error(f"invalid frontend message type {t}")
@@ -90,7 +168,7 @@ class FrameScanner:
             else:
                 self.messages += count
                 count = 0
-                self._partial(t, end - n, data[i + 5 : n])
+                self._partial(t, 1 + ln, end - n, data[i + 5 : n])
                 i = n
         self.messages += count
         if i < n:
@@ -101,18 +179,33 @@ class FrameScanner:
         kind = chr(t) if 32 < t < 127 else f"0x{t:02x}"
         if ln < 4:
             return f"invalid message length {ln} for message type {kind!r}"
-        return f"message type {kind!r} of {ln} bytes exceeds the limit of {self.max_len} bytes"
+        return f"invalid message length: message type {kind!r} of {ln} bytes exceeds the limit of {self.limits[t]} bytes"
 
-    def _partial(self, t: int, remaining: int, head_of_body: bytes | memoryview) -> None:
+    def _partial(self, t: int, size: int, remaining: int, head_of_body: bytes | memoryview) -> None:
         if self.allowed is not None and t not in self.allowed and t not in self.wanted:
             raise self._error(f"invalid frontend message type {t}")
         self._type = t
+        self._size = size
         self._skip = remaining
-        self._body = bytearray(head_of_body) if t in self.wanted else None
+        if t in self.wanted:
+            self._cap = self.prefix
+            self._body = bytearray()
+            self._collect(head_of_body)
+        else:
+            self._body = None
+
+    def _collect(self, chunk: bytes | memoryview) -> None:
+        body = self._body
+        assert body is not None
+        if not body and chunk and self._named_parse and self._type == _PARSE and chunk[0] != 0:
+            self._cap = self.max_len  # a named statement: kept whole, for replay
+        room = self._cap - len(body)
+        if room > 0 and chunk:
+            body += chunk[:room] if len(chunk) > room else chunk
 
     def _start(self, t: int, ln: int, data: bytes | memoryview, i: int, out: list) -> int:
         """Begin a message whose header was split across reads; returns the new offset."""
-        if ln < 4 or ln > self.max_len:
+        if ln < 4 or ln > self.limits[t]:
             raise self._error(self._bad_length(t, ln))
         if self.allowed is not None and t not in self.allowed and t not in self.wanted:
             raise self._error(f"invalid frontend message type {t}")
@@ -121,22 +214,27 @@ class FrameScanner:
         if n - i >= body_len:
             if t in self.wanted:
                 out.append((t, bytes(data[i : i + body_len])))
+                if t in self.marks:
+                    self.last_mark = self.messages + 1
             self.messages += 1
             return i + body_len
-        self._partial(t, body_len - (n - i), data[i:n])
+        self._partial(t, 1 + ln, body_len - (n - i), data[i:n])
         return n
 
     def _continue_body(self, data: bytes | memoryview, out: list) -> int:
         take = min(self._skip, len(data))
         if self._body is not None:
-            if len(self._body) + take > self.max_len:
-                raise self._error("message exceeds the size limit")
-            self._body += data[:take]
+            self._collect(data[:take])
         self._skip -= take
         if self._skip == 0:
-            if self._body is not None:
-                out.append((self._type, bytes(self._body)))
+            body = self._body
+            if body is not None:
                 self._body = None
+                whole = len(body) == self._size - 5
+                # A whole body is handed over without another copy (a named Parse may be large).
+                out.append((self._type, body if whole else Prefix(body)))
+                if self._type in self.marks:
+                    self.last_mark = self.messages + 1
             self.messages += 1
         return take
 

@@ -100,6 +100,14 @@ def cstring(value: str | bytes) -> bytes:
     return raw + b"\0"
 
 
+def show(text: str | None) -> str | None:
+    """Client-supplied text for logs and records: bytes that were not UTF-8 (carried as
+    surrogate escapes, see Cursor.cstring) are shown as \\xNN instead of failing to encode."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def typed_message(type_byte: bytes, body: bytes = b"") -> bytes:
     """Byte1 type, Int32 length including itself but not the type, then the body (55.7)."""
     return type_byte + _INT32.pack(len(body) + 4) + body

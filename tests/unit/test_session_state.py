@@ -217,7 +217,7 @@ def test_replay_order() -> None:
         sql_statements=("PREPARE q AS SELECT 1;",),
         listen=("jobs", 'we"ird'),
     )
-    plan = plan_replay(state, {"s1": parse_s1, "unused": b"P..."})
+    plan = plan_replay(state, {"s1": parse_s1[5:], "unused": b"..."})
     assert isinstance(plan, ReplayPlan)
     assert plan.purposes == ("replay", "parse")
     messages = queries_of(plan.data)
@@ -235,7 +235,7 @@ def test_replay_order() -> None:
 
 def test_replay_only_protocol_statements() -> None:
     parse = fe.Parse("s9", "SELECT 2").encode()
-    plan = plan_replay(SessionState(protocol_statements=("s9",)), {"s9": parse})
+    plan = plan_replay(SessionState(protocol_statements=("s9",)), {"s9": parse[5:]})  # the body, as the relay keeps it
     assert isinstance(plan, ReplayPlan)
     assert plan.data == parse + fe.Sync().encode()
     assert plan.purposes == ("parse",)

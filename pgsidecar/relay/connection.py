@@ -593,7 +593,7 @@ class SidecarConnection(StartupMixin):
         if decision.fatal is not None:
             self._goto(Phase.CLOSED)
             impact = decision.impact if decision.client_protocol_violation else (
-                f"fatal {sqlstate.CONNECTION_FAILURE} client closed")
+                f"fatal {decision.fatal_code} client closed")
             out += self._finish_drop(impact=impact, succeeded=None) + [cmd.SendToClient(decision.fatal), cmd.CloseClient()]
             if decision.client_protocol_violation:
                 out.append(cmd.Log("info", f"session {self.peer} closed: the server ended it over a client protocol violation"))

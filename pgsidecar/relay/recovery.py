@@ -85,6 +85,7 @@ class DropDecision:
     state: str  # idle | in_transaction | request_in_flight
     to_client: bytes = b""
     fatal: bytes | None = None
+    fatal_code: str = sqlstate.CONNECTION_FAILURE  # the SQLSTATE of that FATAL, for the record
     close_silently: bool = False  # the client holds part of a server message: close, never write
     responder: LocalAbortResponder | GroupAbort | None = None
     resend: tuple[bytes, int] | None = None  # (client bytes, sync points) proven never run
@@ -113,6 +114,7 @@ def decide_drop(snap: DropSnapshot) -> DropDecision:
         # The server ended the session over the client's bytes: not a drop to hide.
         decision.client_protocol_violation = True
         decision.fatal = reason.raw or error_bytes("FATAL", reason.code, reason.message)
+        decision.fatal_code = reason.code
         decision.impact = f"fatal {reason.code} from the server (client protocol violation) passed on"
         return decision
     if snap.lost:
@@ -133,6 +135,10 @@ def decide_drop(snap: DropSnapshot) -> DropDecision:
                               f"error {sqlstate.CONNECTION_FAILURE} sent to client (a request the drop cut was not executed)")
     if snap.on_transaction_loss == "close":
         decision.fatal = _close_fatal(decision.state, reason)
+        if reason is not None:
+            decision.fatal_code = reason.code
+        elif decision.state == "request_in_flight":
+            decision.fatal_code = sqlstate.TRANSACTION_RESOLUTION_UNKNOWN
         return decision
     if decision.state == "request_in_flight":
         if snap.proven_unexecuted and snap.inflight is not None:

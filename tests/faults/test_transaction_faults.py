@@ -1,7 +1,8 @@
 """Drops inside a transaction or with a statement in flight: honest errors, nothing run twice.
 
-DESIGN "Session rules": inside an explicit transaction the app gets one ERROR 08006 and keeps a
-usable connection once it rolls back; with a COMMIT or an autocommit statement in flight it gets
+docs/session-rules.md: inside an explicit transaction the app gets one ERROR carrying the server's
+own SQLSTATE and words when it said why (57P01 for pg_terminate_backend), 08006 when it said
+nothing, and keeps a usable connection once it rolls back; with a COMMIT or an autocommit statement in flight it gets
 08007 (transaction_resolution_unknown), and the row exists at most once; with
 `reconnect.on_transaction_loss: close` it gets a FATAL and the connection is closed instead.
 """
@@ -61,9 +62,10 @@ def test_drop_inside_explicit_transaction(rig_factory):
     except psycopg2.Error as exc:
         errors.append(exc)
     assert len(errors) == 1, "the app sees exactly one error"
-    assert isinstance(errors[0], psycopg2.OperationalError)
-    assert errors[0].pgcode == "08006", (errors[0].pgcode, str(errors[0]))
-    assert "the transaction was rolled back" in str(errors[0])
+    assert isinstance(errors[0], psycopg2.errors.AdminShutdown)  # the server's 57P01, as psycopg expects
+    assert errors[0].pgcode == "57P01", (errors[0].pgcode, str(errors[0]))
+    assert "terminating connection due to administrator command" in str(errors[0])
+    assert "pgsidecar kept the connection: the transaction was rolled back" in errors[0].diag.message_hint
     assert_no_raw_drop(errors[0])
     assert not conn.closed
     conn.rollback()  # answered by the sidecar: the transaction is already gone
@@ -72,14 +74,14 @@ def test_drop_inside_explicit_transaction(rig_factory):
     assert request(conn, "SELECT pg_backend_pid()")[0][0] == rig.backend_pid() != old
     assert _rows(rig, "tx_t") == [3]
     assert drop["state"] == "in_transaction" and drop["cause"] == "admin_terminate", drop
-    assert drop["impact"].startswith("error 08006"), drop["impact"]
+    assert drop["impact"].startswith("error 57P01"), drop["impact"]
     assert len(rig.sidecar.drops()) == 1
     report_reconnect("terminate inside a transaction", drop)
 
 
 def test_commit_after_a_drop_inside_a_transaction_fails(rig_factory):
     """The drop happens while the app sits in its transaction; its next message is COMMIT. That
-    COMMIT must fail with 08006: answering it with the failed-block ROLLBACK tag, as the server
+    COMMIT must fail (with the server's 57P01): answering it with the failed-block ROLLBACK tag, as the server
     does once the client has been told, would report lost writes as committed (seen under write
     load before the fix in LocalAbortResponder)."""
     rig = _rig(rig_factory)
@@ -91,11 +93,11 @@ def test_commit_after_a_drop_inside_a_transaction_fails(rig_factory):
     drop = rig.one_drop()
     with pytest.raises(psycopg2.OperationalError) as info:
         conn.commit()
-    assert info.value.pgcode == "08006", (info.value.pgcode, str(info.value))
+    assert info.value.pgcode == "57P01", (info.value.pgcode, str(info.value))
     assert _rows(rig, "tx_t") == []
     request(conn, "INSERT INTO tx_t VALUES (2)")
     assert _rows(rig, "tx_t") == [2]
-    assert drop["impact"].startswith("error 08006"), drop["impact"]
+    assert drop["impact"].startswith("error 57P01"), drop["impact"]
     assert len(rig.sidecar.drops()) == 1
 
 
@@ -171,7 +173,7 @@ def test_on_transaction_loss_close(rig_factory):
             cur.execute("INSERT INTO tx_t VALUES (2)")
     assert conn.closed, "on_transaction_loss: close ends the client connection"
     assert _rows(rig, "tx_t") == []
-    assert drop["impact"] == "fatal 08006 client closed", drop["impact"]
+    assert drop["impact"] == "fatal 57P01 client closed", drop["impact"]
     assert drop["state"] == "in_transaction"
     assert drop["cause"] == "admin_terminate", drop  # no reconnect was tried: no restart evidence
     report_reconnect("terminate inside a transaction, on_transaction_loss=close", drop)
@@ -182,7 +184,8 @@ def test_on_transaction_loss_close(rig_factory):
     assert len(rig.sidecar.wait_drops(2)) == 2
     with pytest.raises(psycopg.OperationalError) as info:
         modern.execute("INSERT INTO tx_t VALUES (4)")
-    assert info.value.diag.sqlstate == "08006" and info.value.diag.severity == "FATAL", str(info.value)
-    assert "connection to the server was lost; the transaction was rolled back" in str(info.value)
+    # The server's own FATAL, passed on as PgBouncer does.
+    assert info.value.diag.sqlstate == "57P01" and info.value.diag.severity == "FATAL", str(info.value)
+    assert "terminating connection due to administrator command" in str(info.value)
     assert modern.closed
     assert _rows(rig, "tx_t") == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 import time
@@ -54,6 +55,16 @@ def _load(args: argparse.Namespace):
         raise SystemExit(2) from None
 
 
+def _warn_unknown_env(emit) -> None:
+    """Unknown PGSIDECAR_* variables (Kubernetes service links, a wrapper's own) are ignored, and
+    said so once, here, after logging is set up: not on SIGHUP, whose environment is the same."""
+    from pgsidecar.config.load import unknown_env_warning
+
+    line = unknown_env_warning(os.environ)
+    if line is not None:
+        emit(line)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
     from pgsidecar.app import run
@@ -61,6 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pgsidecar.observe.logs import setup_logging
 
     setup_logging(config.log.format, config.log.level)
+    _warn_unknown_env(lambda line: logging.getLogger("pgsidecar").warning("%s", line))
     overrides = _overrides(args)
     # SIGHUP re-reads the same file, environment and flags.
     return run(config, reload=lambda: load_config(path=args.config, env=os.environ, overrides=overrides))
@@ -72,6 +84,7 @@ def _ts(epoch: float) -> str:
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
+    _warn_unknown_env(lambda line: print(f"warning: {line}", file=sys.stderr))
     from pgsidecar.runtime.probe import CheckFailed, check_upstream
     from pgsidecar.runtime.upstream import UpstreamError
 

@@ -3,7 +3,11 @@
 Precedence, highest first: overrides (flags, as dotted keys) > `PGSIDECAR_*` environment > YAML
 file > the model's defaults. Every key has one spelling, `listen.port`, and one environment twin,
 `PGSIDECAR_LISTEN_PORT`. Every failure is a ConfigError naming the key path, so an operator can fix
-it without reading code; unknown keys are errors (with the closest known key), never ignored.
+it without reading code; unknown YAML keys and flags are errors (with the closest known key).
+Unknown `PGSIDECAR_*` variables are not: orchestrators set names of their own under that prefix
+(Kubernetes' service links for a Service named `pgsidecar`: `PGSIDECAR_PORT`,
+`PGSIDECAR_SERVICE_HOST`, ...), so `load_config` ignores them and `unknown_env_warning` gives the
+caller one line to log once logging is set up.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ __all__ = [
     "load_config",
     "parse_duration",
     "parse_size",
+    "unknown_env",
+    "unknown_env_warning",
 ]
 
 CONFIG_ENV = "PGSIDECAR_CONFIG"
@@ -298,6 +304,13 @@ def _host_port(value: Any) -> str | None:
 
 # 0 lets the OS pick a free port (tests read the bound port back).
 _PORT = _integer(minimum=0, maximum=65535, what="a port number", out_of_range="port out of range: ")
+# listen() takes a C int; the kernel caps it at net.core.somaxconn anyway.
+_BACKLOG = _integer(minimum=1, maximum=2**31 - 1)
+
+
+def _backlog(value: Any) -> int | None:
+    """None (unset) means the kernel's somaxconn, read when the listeners start."""
+    return None if value is None else _BACKLOG(value)
 
 
 # ---------------------------------------------------------------- the settings
@@ -315,6 +328,7 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("listen.tls_cert", "listen", "tls_cert", _text(optional=True)),
     _Setting("listen.tls_key", "listen", "tls_key", _text(optional=True)),
     _Setting("listen.max_clients", "listen", "max_clients", _integer(minimum=1)),
+    _Setting("listen.backlog", "listen", "backlog", _backlog),
     _Setting("listen.startup_timeout", "listen", "startup_timeout_s", _duration(positive=True)),
     # The message length field is an Int32 (PostgreSQL docs 55.7 "Message Formats").
     _Setting(
@@ -452,18 +466,55 @@ def _flatten(mapping: dict[Any, Any], prefix: str, raw: _Raw) -> None:
 
 
 def _read_env(env: Mapping[str, str]) -> _Raw:
-    """PGSIDECAR_* variables; an empty one counts as unset (compose files often leave `X=`)."""
+    """Known PGSIDECAR_* variables; an empty one counts as unset (compose files often leave `X=`).
+    Unknown ones are skipped here and reported by unknown_env_warning."""
     raw: _Raw = {}
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name in _RESERVED_ENV:
-            continue
         key = _BY_ENV.get(name)
-        if key is None:
-            hint = _did_you_mean(name, frozenset(_BY_ENV))
-            raise ConfigError(name, "unknown environment variable" + hint)
-        if value != "":
+        if key is not None and value != "":
             raw[key] = value
     return raw
+
+
+def unknown_env(env: Mapping[str, str]) -> tuple[str, ...]:
+    """The PGSIDECAR_* names in `env` that are no setting (and not PGSIDECAR_CONFIG), sorted."""
+    return tuple(
+        sorted(
+            name
+            for name in env
+            if name.startswith(ENV_PREFIX) and name not in _BY_ENV and name not in _RESERVED_ENV
+        )
+    )
+
+
+# Kubernetes service links (the Service's name upper-cased, "-" -> "_"): NAME_SERVICE_HOST,
+# NAME_SERVICE_PORT[_PORTNAME], NAME_PORT, NAME_PORT_<n>_<PROTO>[_PROTO|_PORT|_ADDR]. Such names
+# get no "did you mean": they are not typos, and a hint would send the operator the wrong way.
+_SERVICE_LINK_RE = re.compile(
+    r"[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?"
+    r"|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)"
+)
+_ENV_SUFFIXES = tuple(name.removeprefix(ENV_PREFIX) for name in _BY_ENV)
+
+
+def _env_hint(name: str) -> str:
+    """` (did you mean PGSIDECAR_X?)` for a likely typo, else "". Compared without the shared
+    prefix, which would make every pair look alike, and strictly, so a wrapper's own variable
+    (PGSIDECAR_SOMETHING) gets no suggestion."""
+    if _SERVICE_LINK_RE.fullmatch(name):
+        return ""
+    close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), _ENV_SUFFIXES, n=1, cutoff=0.8)
+    return f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
+
+
+def unknown_env_warning(env: Mapping[str, str]) -> str | None:
+    """One line naming every unknown PGSIDECAR_* variable (never their values, which may be
+    secrets), or None when there is none."""
+    names = unknown_env(env)
+    if not names:
+        return None
+    listed = ", ".join(name + _env_hint(name) for name in names)
+    return f"ignoring unknown environment variables (not pgsidecar settings): {listed}"
 
 
 def _read_overrides(overrides: Mapping[str, str]) -> _Raw:
@@ -481,7 +532,8 @@ def load_config(
 ) -> Config:
     """The effective Config: overrides > PGSIDECAR_* env > YAML at `path` (or $PGSIDECAR_CONFIG)
     > defaults. The upstream comes from `upstream.dsn` and the PG* variables in `env`, as libpq
-    reads them. Raises ConfigError naming the key path at fault."""
+    reads them. Raises ConfigError naming the key path at fault. Unknown PGSIDECAR_* variables
+    are ignored; the caller logs unknown_env_warning(env)."""
     if path is None:
         path = env.get(CONFIG_ENV) or None
     raw: _Raw = _read_yaml(path) if path is not None else {}

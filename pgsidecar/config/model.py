@@ -101,9 +101,27 @@ class KeepaliveConfig:
         return self.idle_s + self.interval_s * self.count - 0.5
 
 
+SOMAXCONN_PATH = "/proc/sys/net/core/somaxconn"
+# Linux's own net.core.somaxconn default since 5.4, for when /proc cannot tell us.
+FALLBACK_BACKLOG = 4096
+
+
+def kernel_somaxconn(path: str = SOMAXCONN_PATH) -> int:
+    """net.core.somaxconn: the kernel silently caps every listen() backlog at it, so asking for
+    exactly this much gets the largest accept queue the host allows. FALLBACK_BACKLOG if the file
+    is missing or unreadable (not Linux, a sandbox without /proc)."""
+    try:
+        with open(path, encoding="ascii") as handle:
+            value = int(handle.read().strip())
+    except (OSError, ValueError):
+        return FALLBACK_BACKLOG
+    return value if value > 0 else FALLBACK_BACKLOG
+
+
 @dataclass(frozen=True, slots=True)
 class ListenConfig:
-    """Where applications connect to pgsidecar, and the limits on what they may send."""
+    """Where applications connect to pgsidecar, and the limits on what they may send.
+    `backlog` None means the kernel's somaxconn, read when the listeners start."""
 
     host: str = "127.0.0.1"
     port: int = 6432
@@ -114,6 +132,12 @@ class ListenConfig:
     max_clients: int = 1000
     startup_timeout_s: float = 10.0
     max_message_bytes: int = 1073741823
+    backlog: int | None = None
+
+    @property
+    def effective_backlog(self) -> int:
+        """The listen() backlog: as set, else the kernel's somaxconn (read now, at each call)."""
+        return self.backlog if self.backlog is not None else kernel_somaxconn()
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from pgsidecar.config import (
     CONFIG_KEYS,
+    ListenConfig,
     AuthConfig,
     Config,
     ConfigError,
@@ -27,6 +28,8 @@ from pgsidecar.config import (
     parse_duration,
     parse_size,
 )
+from pgsidecar.config.load import unknown_env, unknown_env_warning
+from pgsidecar.config.model import FALLBACK_BACKLOG, SOMAXCONN_PATH, kernel_somaxconn
 
 SHIPPED_YAML = Path(__file__).resolve().parents[2] / "config" / "pgsidecar.yaml"
 UPSTREAM = {"PGHOST": "db"}
@@ -349,10 +352,12 @@ def test_unknown_key_with_unit_suffix_points_to_the_yaml_spelling(tmp_path: Path
     assert err.key == "listen.startup_timeout_s" and "listen.startup_timeout" in err.problem
 
 
-def test_unknown_environment_variable_suggests_closest() -> None:
-    err = load_error(env={"PGSIDECAR_LISTEN_PROT": "1"})
-    assert err.key == "PGSIDECAR_LISTEN_PROT"
-    assert "did you mean PGSIDECAR_LISTEN_PORT?" in err.problem
+def test_unknown_environment_variable_is_ignored_but_a_typo_gets_a_hint() -> None:
+    env = {"PGSIDECAR_LISTEN_PROT": "1"}
+    assert load(env=env) == defaults()
+    warning = unknown_env_warning({**UPSTREAM, **env})
+    assert warning is not None
+    assert warning.endswith(": PGSIDECAR_LISTEN_PROT (did you mean PGSIDECAR_LISTEN_PORT?)")
 
 
 def test_unknown_override_key() -> None:
@@ -389,6 +394,9 @@ def test_empty_file_and_empty_section_are_defaults(tmp_path: Path) -> None:
         ("metrics.listen", "9188", "expected host:port"),
         ("drop_log.backups", "-1", "must be at least 0"),
         ("upstream.keepalive.count", "1.5", "expected an integer"),
+        ("listen.backlog", "0", "must be between 1 and 2147483647; got '0'"),
+        ("listen.backlog", "2147483648", "must be between 1 and 2147483647"),
+        ("listen.backlog", "lots", "expected an integer; got 'lots'"),
     ],
 )
 def test_wrong_values(key: str, value: str, problem: str) -> None:
@@ -568,3 +576,123 @@ def test_shipped_yaml_lists_every_setting_with_a_comment() -> None:
         stripped = line.strip()
         if stripped and not stripped.startswith("#") and not stripped.endswith(":"):
             assert " # " in line, f"setting without a reason: {line!r}"
+
+
+# ---------------------------------------------------------------- unknown PGSIDECAR_* variables
+
+# What Kubernetes injects into every pod of a namespace with a Service named `pgsidecar` (port
+# 6432, and a second, named port), as documented in "Environment variables" of the Service docs.
+K8S_SERVICE_LINKS = {
+    "PGSIDECAR_PORT": "tcp://10.0.0.7:6432",
+    "PGSIDECAR_PORT_6432_TCP": "tcp://10.0.0.7:6432",
+    "PGSIDECAR_PORT_6432_TCP_PROTO": "tcp",
+    "PGSIDECAR_PORT_6432_TCP_PORT": "6432",
+    "PGSIDECAR_PORT_6432_TCP_ADDR": "10.0.0.7",
+    "PGSIDECAR_PORT_9188_TCP": "tcp://10.0.0.7:9188",
+    "PGSIDECAR_PORT_9188_TCP_PROTO": "tcp",
+    "PGSIDECAR_PORT_9188_TCP_PORT": "9188",
+    "PGSIDECAR_PORT_9188_TCP_ADDR": "10.0.0.7",
+    "PGSIDECAR_SERVICE_HOST": "10.0.0.7",
+    "PGSIDECAR_SERVICE_PORT": "6432",
+    "PGSIDECAR_SERVICE_PORT_METRICS": "9188",
+}
+
+
+def test_kubernetes_service_links_are_ignored_with_one_warning_line() -> None:
+    env = {**UPSTREAM, **K8S_SERVICE_LINKS, "PGSIDECAR_SOMETHING": "1"}
+    assert load_config(path=None, env=env, overrides={}) == defaults()
+    names = sorted([*K8S_SERVICE_LINKS, "PGSIDECAR_SOMETHING"])
+    assert unknown_env(env) == tuple(names)
+    warning = unknown_env_warning(env)
+    assert warning is not None and "\n" not in warning
+    # All of them, sorted, no hints (none is a typo), and never a value (it may be a secret).
+    assert warning == (
+        "ignoring unknown environment variables (not pgsidecar settings): " + ", ".join(names)
+    )
+    assert "10.0.0.7" not in warning and "tcp://" not in warning
+
+
+def test_no_kubernetes_service_link_of_a_pgsidecar_service_is_a_setting() -> None:
+    known = {env_name(key) for key in CONFIG_KEYS} | {"PGSIDECAR_CONFIG"}
+    assert not set(K8S_SERVICE_LINKS) & known
+    # A Service named pgsidecar-<anything> injects PGSIDECAR_<ANYTHING>_PORT, _SERVICE_HOST,
+    # _SERVICE_PORT[_<NAME>], _PORT_<n>_TCP[...]. The one setting of that shape is listen.port
+    # (a Service named pgsidecar-listen); a new setting ending in _PORT or _HOST must fail here.
+    shaped = {
+        name
+        for name in known
+        if name.endswith(("_PORT", "_SERVICE_HOST")) or "_SERVICE_PORT" in name or "_TCP" in name
+    }
+    assert shaped == {"PGSIDECAR_LISTEN_PORT"}
+
+
+def test_known_variable_with_a_bad_value_still_stops_the_start() -> None:
+    env = {**K8S_SERVICE_LINKS, "PGSIDECAR_SOMETHING": "1", "PGSIDECAR_LISTEN_PORT": "abc"}
+    err = load_error(env=env)
+    assert str(err) == "config: listen.port: expected a port number; got 'abc'"
+
+
+def test_no_warning_when_every_variable_is_known() -> None:
+    env = {
+        **UPSTREAM,
+        "PGSIDECAR_CONFIG": "",
+        "PGSIDECAR_LISTEN_PORT": "7000",
+        "PGSIDECAR_LISTEN_BACKLOG": "",
+        "OTHER_PORT": "tcp://10.0.0.7:1",  # another Service's links: not our prefix
+        "PGSIDECARX_PORT": "tcp://10.0.0.7:1",
+    }
+    assert unknown_env(env) == () and unknown_env_warning(env) is None
+    assert load_config(path=None, env=env, overrides={}).listen.port == 7000
+
+
+def test_an_empty_unknown_variable_is_still_named() -> None:
+    assert unknown_env({"PGSIDECAR_SOMETHING": ""}) == ("PGSIDECAR_SOMETHING",)
+
+
+def test_hints_only_for_likely_typos() -> None:
+    env = {
+        "PGSIDECAR_UPSTREAM_KEEPALIVE_IDEL": "5s",
+        "PGSIDECAR_LISTEN_TLS_PORT": "tcp://10.0.0.7:6432",  # Service pgsidecar-listen-tls
+        "PGSIDECAR_WRAPPER_MODE": "on",
+    }
+    warning = unknown_env_warning(env)
+    assert warning is not None
+    assert warning.endswith(
+        ": PGSIDECAR_LISTEN_TLS_PORT, "
+        "PGSIDECAR_UPSTREAM_KEEPALIVE_IDEL (did you mean PGSIDECAR_UPSTREAM_KEEPALIVE_IDLE?), "
+        "PGSIDECAR_WRAPPER_MODE"
+    )
+
+
+# ---------------------------------------------------------------- listen.backlog
+
+
+def test_backlog_default_is_the_kernel_somaxconn() -> None:
+    config = load()
+    assert config.listen.backlog is None
+    try:
+        with open(SOMAXCONN_PATH) as handle:
+            expected = int(handle.read())
+    except OSError:
+        expected = FALLBACK_BACKLOG
+    assert config.listen.effective_backlog == expected
+
+
+def test_backlog_explicit_value_is_used_as_given(tmp_path: Path) -> None:
+    assert load(env={"PGSIDECAR_LISTEN_BACKLOG": "2048"}).listen.effective_backlog == 2048
+    assert load("listen:\n  backlog: 512\n", tmp_path=tmp_path).listen.backlog == 512
+    assert load("listen:\n  backlog: null\n", tmp_path=tmp_path).listen.backlog is None
+    # Above somaxconn too: the kernel caps it, pgsidecar does not second-guess it.
+    assert load(listen__backlog="100000").listen.effective_backlog == 100000
+    assert load(env={"PGSIDECAR_LISTEN_BACKLOG": ""}).listen.backlog is None
+
+
+def test_kernel_somaxconn_reads_the_file_and_falls_back(tmp_path: Path) -> None:
+    file = tmp_path / "somaxconn"
+    file.write_text("8192\n")
+    assert kernel_somaxconn(str(file)) == 8192
+    for junk in ("", "lots\n", "0\n", "-5\n"):
+        file.write_text(junk)
+        assert kernel_somaxconn(str(file)) == FALLBACK_BACKLOG == 4096
+    assert kernel_somaxconn(str(tmp_path / "missing")) == FALLBACK_BACKLOG
+    assert ListenConfig(backlog=7).effective_backlog == 7

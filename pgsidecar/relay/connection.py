@@ -1,9 +1,10 @@
 """SidecarConnection: the brain of one client session. Events in, commands out, no I/O.
 
 The runtime feeds it what the sockets and timers say and carries out the commands it returns.
-It follows DESIGN's session rules: a drop while idle is hidden (reconnect, replay), a drop inside a
-transaction becomes an ordinary 08006 error, a drop with a request in flight becomes 08007, and
-nothing is ever sent to the server twice unless the server proved it never ran it (57P05).
+It follows docs/session-rules.md: a drop while idle is hidden (reconnect, replay), a drop inside a
+transaction becomes an ordinary error (the server's SQLSTATE, or 08006), a drop with a request in
+flight becomes 08007, nothing is ever sent to the server twice unless the server proved it never
+ran it (57P05), and neither byte stream is ever resumed in the middle of a message.
 """
 
 from __future__ import annotations

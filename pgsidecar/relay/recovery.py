@@ -1,10 +1,10 @@
-"""What the client is told when the upstream is lost, and the book kept about each drop.
+"""What the client is told when the upstream is lost.
 
-``decide_drop`` applies DESIGN's session-rules table to the session's books at the moment of
-the drop. ``LocalAbortResponder`` plays the server for a client that still believes it is inside
-the transaction that was lost, until it ends it. The book kept about each drop is
-``relay/dropbook.py``; classification itself lives in ``pgsidecar.drops``.
-"""
+``decide_drop`` applies the session rules (docs/session-rules.md) to a ``DropSnapshot`` taken at
+the moment of the drop. ``LocalAbortResponder`` plays the server for a client that still believes
+it is inside the transaction that was lost, until it ends it; ``GroupAbort`` answers the rest of a
+request group the drop cut off. The book kept about each drop is ``relay/dropbook.py``;
+classification lives in ``pgsidecar.drops``."""
 
 from __future__ import annotations
 

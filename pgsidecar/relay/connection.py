@@ -345,7 +345,12 @@ class SidecarConnection(StartupMixin):
         if isinstance(payload, Prefix):
             self._note_sql(payload)
             return
-        self._note_sql(payload[name_end + 1 :])
+        start = name_end + 1
+        if len(payload) - start > PREFIX_BYTES:
+            # A long statement is judged by its start, like one that spans reads: no copy of it.
+            self._note_sql(Prefix(payload[start : start + PREFIX_BYTES]))
+        else:
+            self._note_sql(payload[start:])
         if name_end:
             # The Parse body, once, for replay (the scanner hands it over without copying).
             self.book.parses[payload[:name_end].decode("utf-8", "surrogateescape")] = payload

@@ -24,6 +24,8 @@ class DropCause(enum.Enum):
     NETWORK_TIMEOUT = "network_timeout"
     NETWORK_RESET = "network_reset"
     FAILOVER = "failover"
+    SWITCHOVER = "switchover"
+    SERVER_READ_ONLY = "server_read_only"
     TLS_ERROR = "tls_error"
     CERTIFICATE_ROTATED = "certificate_rotated"
     TOO_MANY_CONNECTIONS = "too_many_connections"
@@ -52,6 +54,8 @@ _PHRASES: dict[DropCause, str] = {
     DropCause.NETWORK_TIMEOUT: "network path stopped answering",
     DropCause.NETWORK_RESET: "connection reset by the network or host",
     DropCause.FAILOVER: "failover to another server",
+    DropCause.SWITCHOVER: "switchover to another server",
+    DropCause.SERVER_READ_ONLY: "server read-only now",
     DropCause.TLS_ERROR: "TLS error",
     DropCause.CERTIFICATE_ROTATED: "server certificate rotated",
     DropCause.TOO_MANY_CONNECTIONS: "server out of connection slots",
@@ -99,8 +103,18 @@ _HINTS: dict[DropCause, str] = {
         " a fixed idle time, keep upstream.keepalive.idle below the middlebox idle timeout"
     ),
     DropCause.FAILOVER: (
-        "the server failed over (new address or now read-only): point the DSN at the primary's"
-        " endpoint and add target_session_attrs=read-write"
+        "the server went away without a clean shutdown and another server took over: find why"
+        " the old one failed (server log, host, network); if the app writes, make sure"
+        " upstream.dsn names the primary's endpoint, not one server"
+    ),
+    DropCause.SWITCHOVER: (
+        "the server was shut down and another server took over (a planned switchover): if the"
+        " app writes, make sure upstream.dsn names the primary's endpoint, not one server"
+    ),
+    DropCause.SERVER_READ_ONLY: (
+        "the server now makes new transactions read-only (default_transaction_read_only is on for"
+        " the server, database or role): writes fail with 25006 until it is turned off; find who"
+        " set it (ALTER SYSTEM / DATABASE / ROLE) or whether a storage-full guard did"
     ),
     DropCause.TLS_ERROR: (
         "the TLS session failed: check ssl_min_protocol_version, ciphers and the certificates"
@@ -128,8 +142,29 @@ def hint_for(cause: DropCause, facts: Mapping[str, object]) -> str:
     """The hint for one drop, completed with its facts where they change the advice.
 
     Known facts: idle_s, keepalive_idle_s, tls_alert, message, sqlstate, pooler_hint,
-    errno_name. Unknown or missing facts leave the generic hint.
+    errno_name, in_recovery_now, too_many (the reconnect error that said so). Unknown or missing
+    facts leave the generic hint.
     """
+    if cause in (DropCause.FAILOVER, DropCause.SWITCHOVER) and facts.get("in_recovery_now") is True:
+        how = "went away" if cause is DropCause.FAILOVER else "was shut down"
+        return (
+            f"the server {how} and this address now serves a standby (in recovery, read-only):"
+            " reads work, writes fail with 25006 until it is promoted; if the app writes, make"
+            " sure upstream.dsn names the primary's endpoint"
+        )
+    if cause is DropCause.SERVER_READ_ONLY and facts.get("in_recovery_now") is True:
+        return (
+            "the server reached is a standby now (in recovery): writes fail with 25006; if the"
+            " app writes, make sure upstream.dsn names the primary's endpoint"
+        )
+    if cause is DropCause.TOO_MANY_CONNECTIONS and isinstance(facts.get("too_many"), str):
+        text = str(facts["too_many"])
+        if "for role" in text or "for database" in text:
+            what = "role" if "for role" in text else "database"
+            return (
+                f"the {what}'s connection limit was reached ({text}): raise it with ALTER"
+                f" {what.upper()} ... CONNECTION LIMIT, or lower the number of clients"
+            )
     if cause is DropCause.PATH_IDLE_TIMEOUT:
         return _path_idle_hint(facts)
     if cause is DropCause.UPSTREAM_POOLER and isinstance(facts.get("pooler_hint"), str):

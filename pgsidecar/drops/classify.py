@@ -18,7 +18,12 @@ shutdown) and 57P02 as WARNING followed by EOF, never a FATAL.
     failing`, `pgbouncer cannot connect to server`, `max_client_conn`, `server shutting down`,
     ...) with SQLSTATE 08P01 or none (PgBouncer's habit)  -> upstream_pooler, hint names the
     pooler setting. PgBouncer hides the server's own words, so no server cause is guessed.
- 5. the reconnect reached a different address, or the server is read-only now -> failover
+ 5. the reconnect reached another server: the system identifier changed, or the server's address
+    changed, or it is now a standby (in recovery, and was not) or on a new timeline (promoted),
+    each unless the postmaster start time is unchanged (then it is the same server). The old
+    server's last words tell the two apart: 57P01 "administrator command" (a fast or smart
+    shutdown), or a first reconnect error 57P03 "shutting down"  -> switchover; it vanished
+    (crash, immediate shutdown, EOF, reset, timeout)             -> failover.
  6. 57P02, "crash of another server process", or 57P01 "unexpected postmaster exit"
                                                          -> server_crash
  7. certificate changed on reconnect, and the drop itself was server-side (FATAL, EOF, TLS error,
@@ -28,25 +33,28 @@ shutdown) and 57P02 as WARNING followed by EOF, never a FATAL.
     (reset, timeout, unreachable) the network cause stays primary and certificate_rotated is
     secondary.
  8. 57P01 "immediate shutdown"                          -> server_restart
- 9. recovery seen on reconnect (57P03 "in recovery mode", or the runtime saw recovery)
-                                                         -> server_crash
+ 9. crash recovery seen while reconnecting (57P03 "the database system is in recovery mode",
+    postmaster.c CAC_RECOVERY: only after a crash)       -> server_crash. A server found in
+    recovery (a standby) is not crash evidence: rule 5 or the rules below decide.
 10. 57P01 (administrator command: pg_terminate_backend or a fast/smart shutdown) with restart
     signs: postmaster start time changed, the first reconnect error was 57P03 starting up /
-    shutting down or ECONNREFUSED, or the reconnect failed -> server_restart
-11. 57P01 otherwise (server unchanged, reconnect at once, or no reconnect evidence)
+    shutting down or ECONNREFUSED, or the reconnect failed -> server_restart. A reconnect the
+    client abandoned (it left first) neither failed nor succeeded: it is no restart sign.
+11. 57P01 otherwise (server unchanged, reconnect at once, abandoned, or no reconnect evidence)
                                                          -> admin_terminate
 12. any end with the postmaster start time changed, or first reconnect error 57P03 starting up /
     shutting down or ECONNREFUSED                        -> server_restart
 13. kind tls_error                                       -> tls_error
 14. kind timeout or reset after the flow was silent >= 60 s (silence = idle_s when keepalives are
-    off, else min(idle_s, keepalive idle)), when the reconnect (if any) succeeded: a middlebox
-    forgot the flow                                      -> path_idle_timeout
+    off, else min(idle_s, keepalive idle)), when the reconnect (if any) did not fail: a
+    middlebox forgot the flow                            -> path_idle_timeout
 15. kind reset                                           -> network_reset
 16. kind timeout or unreachable                          -> network_timeout
 17. anything else (bare EOF, EOF with close_notify, another FATAL) -> unknown
 
 Secondary findings from the reconnect, whatever the primary cause: 53300 / "too many clients" /
-"remaining connection slots" in the reconnect errors -> too_many_connections.
+"remaining connection slots" in the reconnect errors -> too_many_connections; the same server
+read-only now (default_transaction_read_only turned on, not a standby) -> server_read_only.
 """
 
 from __future__ import annotations
@@ -88,17 +96,32 @@ class Observed:
 
 @dataclass(frozen=True, slots=True)
 class ReconnectOutcome:
-    """What reconnecting taught: errors in order, and how the new connection differs."""
+    """What reconnecting taught: errors in order, and how the new connection differs.
+
+    The flags compare the new connection's server facts with the old one's (None: not known);
+    "_now" flags mean "now, and not before". `abandoned`: the client left while pgsidecar was
+    still reconnecting, so the reconnect neither succeeded nor failed (`succeeded` is False).
+    """
 
     attempts: int
     duration_s: float
     succeeded: bool
     errors: tuple[str, ...] = ()
     postmaster_start_changed: bool | None = None
-    in_recovery_seen: bool | None = None
+    in_recovery_seen: bool | None = None  # 57P03 "in recovery mode" while reconnecting: a crash
     certificate_changed: bool | None = None
     address_changed: bool | None = None
     read_only_now: bool | None = None
+    in_recovery_now: bool | None = None  # the server reached is a standby, and was not
+    timeline_changed: bool | None = None
+    system_identifier_changed: bool | None = None
+    abandoned: bool | None = None
+
+    @property
+    def failed(self) -> bool:
+        """The reconnect gave up (deadline, or a refusal such as 28P01); one the client
+        abandoned by leaving first did not fail."""
+        return not self.succeeded and not self.abandoned
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +274,11 @@ def _primary(ev: Evidence, *, consider_certificate: bool) -> Verdict:
         "sqlstate": obs.sqlstate,
         "errno_name": obs.errno_name,
     }
-    verdict = _server_timeouts(obs, said) or _pooler(obs, said, facts) or _failover(ev, said)
+    r = ev.reconnect
+    if r is not None:
+        facts["in_recovery_now"] = r.in_recovery_now
+        facts["too_many"] = next((e for e in r.errors if _is_too_many(e)), None)
+    verdict = _server_timeouts(obs, said) or _pooler(obs, said, facts) or _role_change(ev, said)
     if verdict is None:
         verdict = _crash_said(obs, said)
     if verdict is None and consider_certificate:
@@ -328,13 +355,29 @@ def _pooler(obs: Observed, said: tuple[str, ...], facts: dict[str, object]) -> F
     return DropCause.UPSTREAM_POOLER, (*said, f"pooler_text={entry.needle}")
 
 
-def _failover(ev: Evidence, said: tuple[str, ...]) -> Found:
-    """Rule 5."""
+# Facts that say the reconnect reached another server; each is void when the postmaster start
+# time is unchanged (the same process answered, whatever its address or role says now).
+_OTHER_SERVER = ("system_identifier_changed", "address_changed", "in_recovery_now", "timeline_changed")
+
+
+def _role_change(ev: Evidence, said: tuple[str, ...]) -> Found:
+    """Rule 5: another server serves this upstream now; how the old one left tells switchover
+    (a clean shutdown) from failover (it vanished)."""
     r = ev.reconnect
-    if r is None:
+    if r is None or r.postmaster_start_changed is False:
         return None
-    found = [name for name in ("address_changed", "read_only_now") if getattr(r, name) is True]
-    return (DropCause.FAILOVER, (*said, *found)) if found else None
+    found = [name for name in _OTHER_SERVER if getattr(r, name) is True]
+    if not found:
+        return None
+    if r.postmaster_start_changed:
+        found.insert(0, "postmaster_start_changed")
+    obs, first = ev.observed, _first_error(r)
+    vanished = any(text in _msg(obs) for text in ("immediate shutdown", "unexpected postmaster exit"))
+    if _is_57p01(obs) and not vanished:
+        return DropCause.SWITCHOVER, (*said, *found)
+    if first.startswith(CANNOT_CONNECT_NOW) and "shutting down" in first.lower():
+        return DropCause.SWITCHOVER, (*said, "reconnect_first_error=57P03", *found)
+    return DropCause.FAILOVER, (*said, *found)
 
 
 def _crash_said(obs: Observed, said: tuple[str, ...]) -> Found:
@@ -375,13 +418,15 @@ def _shutdown_or_terminate(ev: Evidence, said: tuple[str, ...]) -> Found:
         return None
     restart = _restart_signs(ev.reconnect)
     r = ev.reconnect
-    if not restart and r is not None and not r.succeeded:
+    if not restart and r is not None and r.failed:
         restart = ("reconnect_failed",)
     if restart:
         return DropCause.SERVER_RESTART, (*said, *restart)
     if r is None:
         return DropCause.ADMIN_TERMINATE, (*said, "no_reconnect")
     facts = ["postmaster_unchanged"] if r.postmaster_start_changed is False else []
+    if r.abandoned:
+        facts.append("reconnect_abandoned")
     facts.append(f"reconnect_attempts={r.attempts}")
     return DropCause.ADMIN_TERMINATE, (*said, *facts)
 
@@ -412,7 +457,9 @@ def _restart_signs(r: ReconnectOutcome | None) -> tuple[str, ...]:
 
 
 def _recovery_seen(r: ReconnectOutcome | None) -> tuple[str, ...]:
-    """After a crash the postmaster answers 57P03 'the database system is in recovery mode'."""
+    """After a crash the postmaster answers 57P03 'the database system is in recovery mode'
+    (CAC_RECOVERY); a standby is in recovery too, but says 'not yet accepting connections'
+    until it is consistent and then accepts them: in_recovery_now is no crash evidence."""
     if r is None:
         return ()
     if r.in_recovery_seen is True:
@@ -440,14 +487,14 @@ def _network(ev: Evidence, said: tuple[str, ...]) -> Found:
     tcp = _tcp_facts(ev.observed.tcp_info)
     silence = flow_silence_s(ev)
     r = ev.reconnect
-    path_ok = r is None or r.succeeded
+    path_ok = r is None or not r.failed
     if kind in ("timeout", "reset") and silence >= PATH_IDLE_MIN_S and path_ok:
         keep = "off" if ev.keepalive_idle_s is None else f"{ev.keepalive_idle_s:g}"
         facts = (f"idle_s={ev.idle_s:.1f}", f"keepalive_idle_s={keep}", *tcp)
         return DropCause.PATH_IDLE_TIMEOUT, (*said, *facts)
     if kind == "reset":
         return DropCause.NETWORK_RESET, (*said, *tcp)
-    if r is not None and not r.succeeded:
+    if r is not None and r.failed:
         tcp = (*tcp, "reconnect_failed")
     return DropCause.NETWORK_TIMEOUT, (*said, *tcp)
 
@@ -475,13 +522,16 @@ def _secondary(ev: Evidence, primary: DropCause) -> tuple[DropCause, ...]:
     out: list[DropCause] = []
     if r is not None and any(_is_too_many(e) for e in r.errors):
         out.append(DropCause.TOO_MANY_CONNECTIONS)
+    moved = primary in (DropCause.FAILOVER, DropCause.SWITCHOVER)  # another server: all differs
     if (
         r is not None
         and r.certificate_changed is True
         and primary is not DropCause.CERTIFICATE_ROTATED
-        and primary is not DropCause.FAILOVER
+        and not moved
     ):
         out.append(DropCause.CERTIFICATE_ROTATED)
+    if r is not None and r.read_only_now is True and not moved:
+        out.append(DropCause.SERVER_READ_ONLY)
     return tuple(out)
 
 

@@ -49,6 +49,20 @@ class UpstreamInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerSnapshot:
+    """What the server said of itself right after a login (session/state.py FACTS_SQL): the
+    facts that tell a restart, a crash, a switchover and a failover apart."""
+
+    postmaster_start: float | None = None
+    in_recovery: bool | None = None
+    read_only: bool | None = None
+    system_identifier: str | None = None
+    timeline: int | None = None
+    address: str | None = None
+    port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class DropRecord:
     """Everything known about one upstream connection that ended without the client asking."""
 
@@ -70,6 +84,8 @@ class DropRecord:
     secondary: tuple[DropCause, ...] = ()
     keepalive_idle_s: float | None = None
     user_timeout_s: float | None = None
+    server_before: ServerSnapshot | None = None  # of the connection that ended
+    server_after: ServerSnapshot | None = None  # of the new connection
 
     @classmethod
     def from_evidence(
@@ -84,6 +100,8 @@ class DropRecord:
         evidence: Evidence,
         impact: str,
         classification: Classification,
+        server_before: ServerSnapshot | None = None,
+        server_after: ServerSnapshot | None = None,
     ) -> DropRecord:
         """Assemble a record from what the runtime collected and what `classify` decided."""
         return cls(
@@ -105,6 +123,8 @@ class DropRecord:
             secondary=classification.secondary,
             keepalive_idle_s=evidence.keepalive_idle_s,
             user_timeout_s=evidence.user_timeout_s,
+            server_before=server_before,
+            server_after=server_after,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,6 +148,8 @@ class DropRecord:
             "secondary": [c.value for c in self.secondary],
             "keepalive_idle_s": _finite(self.keepalive_idle_s),
             "user_timeout_s": _finite(self.user_timeout_s),
+            "server_before": _snapshot_to_dict(self.server_before),
+            "server_after": _snapshot_to_dict(self.server_after),
         }
 
     def to_json(self) -> str:
@@ -175,6 +197,8 @@ class DropRecord:
             ),
             keepalive_idle_s=_opt_float(data.get("keepalive_idle_s"), "keepalive_idle_s"),
             user_timeout_s=_opt_float(data.get("user_timeout_s"), "user_timeout_s"),
+            server_before=_snapshot_from_dict(data.get("server_before"), "server_before"),
+            server_after=_snapshot_from_dict(data.get("server_after"), "server_after"),
         )
 
 
@@ -206,10 +230,12 @@ def human_line(rec: DropRecord) -> str:
     if rec.observed.sqlstate:
         parts.append(f"sqlstate={rec.observed.sqlstate}")
     r = rec.reconnect
-    if r is None:
+    if r is None or (r.attempts == 0 and not r.succeeded):  # 0 attempts: none was tried
         outcome = "no reconnect"
     elif r.succeeded:
         outcome = f"reconnected in {r.duration_s:.2f}s ({_attempts(r.attempts)})"
+    elif r.abandoned:
+        outcome = f"reconnect abandoned after {r.duration_s:.2f}s ({_attempts(r.attempts)})"
     else:
         outcome = f"reconnect failed after {r.duration_s:.2f}s ({_attempts(r.attempts)})"
     line = " ".join(parts) + f" {outcome}, {rec.impact}"
@@ -283,6 +309,10 @@ def reconnect_from_dict(data: Any) -> ReconnectOutcome:
             "certificate_changed",
             "address_changed",
             "read_only_now",
+            "in_recovery_now",
+            "timeline_changed",
+            "system_identifier_changed",
+            "abandoned",
         )
     }
     return ReconnectOutcome(
@@ -291,6 +321,32 @@ def reconnect_from_dict(data: Any) -> ReconnectOutcome:
         succeeded=_bool(data["succeeded"], "reconnect.succeeded"),
         errors=tuple(_str_list(data.get("errors", []), "reconnect.errors")),
         **flags,
+    )
+
+
+def _snapshot_to_dict(snap: ServerSnapshot | None) -> dict[str, Any] | None:
+    if snap is None:
+        return None
+    out = _plain(snap)
+    out["postmaster_start"] = None if snap.postmaster_start is None else iso_utc(snap.postmaster_start)
+    return out
+
+
+def _snapshot_from_dict(data: Any, key: str) -> ServerSnapshot | None:
+    if data is None:
+        return None
+    if not isinstance(data, Mapping):
+        raise DropRecordError(f"{key}: expected an object or null")
+    start = data.get("postmaster_start")
+    timeline, port = data.get("timeline"), data.get("port")
+    return ServerSnapshot(
+        postmaster_start=None if start is None else _time(start, f"{key}.postmaster_start"),
+        in_recovery=_opt_bool(data.get("in_recovery"), f"{key}.in_recovery"),
+        read_only=_opt_bool(data.get("read_only"), f"{key}.read_only"),
+        system_identifier=_opt_str(data.get("system_identifier"), f"{key}.system_identifier"),
+        timeline=None if timeline is None else int(_float(timeline, f"{key}.timeline")),
+        address=_opt_str(data.get("address"), f"{key}.address"),
+        port=None if port is None else int(_float(port, f"{key}.port")),
     )
 
 

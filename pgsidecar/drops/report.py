@@ -51,14 +51,18 @@ _SERVER_SETTING = {
 _IDLE_DRIVEN = _NETWORK_CAUSES | frozenset(_SERVER_SETTING) | {DropCause.UPSTREAM_POOLER}
 _EVIDENCE_WORDS = {
     "postmaster_start_changed": "postmaster start time changed",
-    "in_recovery_seen": "server was in recovery",
-    "reconnect_first_error=57P03": "server was starting up",
+    "in_recovery_seen": "server was in crash recovery",
+    "reconnect_first_error=57P03": "server was starting up or shutting down",
     "reconnect_first_error=ECONNREFUSED": "connection refused at first",
     "reconnect_failed": "reconnect failed",
     "certificate_changed": "certificate changed",
     "address_changed": "address changed",
     "read_only_now": "server read-only now",
     "postmaster_unchanged": "postmaster unchanged",
+    "in_recovery_now": "a standby now",
+    "timeline_changed": "new timeline (a promoted standby)",
+    "system_identifier_changed": "another cluster (system identifier changed)",
+    "reconnect_abandoned": "client left during reconnect",
 }
 
 

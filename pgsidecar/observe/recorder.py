@@ -7,13 +7,44 @@ from typing import Any
 
 from pgsidecar.config.model import Config
 from pgsidecar.drops.classify import Evidence, Observed, ReconnectOutcome, classify
-from pgsidecar.drops.record import ClientInfo, DropRecord, UpstreamInfo, human_line, iso_utc
+from pgsidecar.drops.record import (
+    ClientInfo,
+    DropRecord,
+    ServerSnapshot,
+    UpstreamInfo,
+    human_line,
+    iso_utc,
+)
 from pgsidecar.observe.droplog import DropLogWriter
 
 log = logging.getLogger("pgsidecar.drops")
 
 _OBSERVED_KEYS = ("sqlstate", "severity", "message", "tls_close_notify", "errno_name")
-_REVEAL_KEYS = ("postmaster_start_changed", "in_recovery_seen", "certificate_changed", "address_changed", "read_only_now")
+_REVEAL_KEYS = ("postmaster_start_changed", "in_recovery_seen", "certificate_changed", "address_changed",
+                "read_only_now", "in_recovery_now", "timeline_changed", "system_identifier_changed")
+# The impact the brain gives a book closed because the client left mid-reconnect
+# (relay/connection.py _client_closed): that reconnect neither failed nor succeeded.
+ABANDONED_IMPACT = "client left during reconnect"
+
+
+def _abandoned(info: dict[str, Any], rec: dict[str, Any]) -> bool | None:
+    if rec.get("abandoned") is not None:
+        return bool(rec["abandoned"])
+    if rec.get("succeeded"):
+        return None
+    return True if str(info.get("impact", "")).startswith(ABANDONED_IMPACT) else None
+
+
+def _snapshot(facts: Any) -> ServerSnapshot | None:
+    """session/state.py ServerFacts (or its dict) -> the record's ServerSnapshot."""
+    if facts is None:
+        return None
+    get = facts.get if isinstance(facts, dict) else (lambda name: getattr(facts, name, None))
+    return ServerSnapshot(
+        postmaster_start=get("postmaster_start"), in_recovery=get("in_recovery"),
+        read_only=get("read_only"), system_identifier=get("system_identifier"),
+        timeline=get("timeline"), address=get("server_addr"), port=get("server_port"),
+    )
 
 
 def build_record(info: dict[str, Any], *, sidecar: str, config: Config) -> DropRecord:
@@ -31,6 +62,7 @@ def build_record(info: dict[str, Any], *, sidecar: str, config: Config) -> DropR
         duration_s=float(rec.get("duration_s", 0.0)),
         succeeded=bool(rec.get("succeeded")),
         errors=tuple(rec.get("errors", ())),
+        abandoned=_abandoned(info, rec),
         **{key: rec.get(key) for key in _REVEAL_KEYS},
     ) if rec else None
     keepalive = config.upstream.keepalive
@@ -63,6 +95,8 @@ def build_record(info: dict[str, Any], *, sidecar: str, config: Config) -> DropR
         evidence=evidence,
         impact=info.get("impact", "transparent"),
         classification=classify(evidence),
+        server_before=_snapshot(info.get("server_facts_before")),
+        server_after=_snapshot(info.get("server_facts_after")),
     )
 
 

@@ -731,8 +731,8 @@ class SidecarConnection(StartupMixin):
         except ProtocolError:
             return 0
 
-    def _finish_drop(self, *, impact: str, succeeded: bool | None) -> list[object]:
-        record = self.drops.finish(self, impact=impact, succeeded=succeeded, now=self.now or None)
+    def _finish_drop(self, *, impact: str, succeeded: bool | None, abandoned: bool = False) -> list[object]:
+        record = self.drops.finish(self, impact=impact, succeeded=succeeded, now=self.now or None, abandoned=abandoned)
         return [cmd.RecordDrop(record), cmd.CancelTimer("deadline")] if record is not None else []
 
     def _client_closed(self, event: ev.ClientClosed) -> list[object]:
@@ -740,7 +740,7 @@ class SidecarConnection(StartupMixin):
             return []
         out: list[object] = []
         if self.drops.active:
-            out += self._finish_drop(impact="client left during reconnect", succeeded=False)
+            out += self._finish_drop(impact="client left during reconnect", succeeded=False, abandoned=True)
         self.phase = Phase.CLOSED
         return out + [cmd.CloseServer(abort=len(self.pending) > 0)]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pgsidecar.wire import sqlstate
+from pgsidecar.wire.payload import show
 
 
 @dataclass(slots=True)
@@ -50,7 +51,8 @@ class DropTracker:
     def reconnect_error(self, text: str, code: str | None) -> None:
         self.errors.append(text)
         self.last_error = text
-        if code == sqlstate.CANNOT_CONNECT_NOW and "recovery" in text:
+        if code == sqlstate.CANNOT_CONNECT_NOW and "recovery mode" in text:
+            # postmaster.c CAC_RECOVERY: crash recovery; a standby says "not yet accepting".
             self.reveal["in_recovery_seen"] = True
 
     def attempt(self) -> None:
@@ -77,8 +79,9 @@ class DropTracker:
             "client_idle_s": round(event.now - conn.last_client_at, 3),
             "upstream": dict(conn.facts, backend_pid=conn.backend_key[0],
                              server_version=conn.client_params.get("server_version")),
-            "client": {"addr": conn.peer, "application_name": conn.params.get("application_name"),
-                       "user": conn.params.get("user"), "database": conn.params.get("database")},
+            # Startup parameters are relayed byte for byte; records show non-UTF-8 bytes escaped.
+            "client": {"addr": conn.peer, "application_name": show(conn.params.get("application_name")),
+                       "user": show(conn.params.get("user")), "database": show(conn.params.get("database"))},
             "observed": {
                 "kind": "fatal" if conn.last_fatal is not None else event.kind,
                 "socket": event.kind,
@@ -96,18 +99,36 @@ class DropTracker:
         conn.last_notice = None
 
     def new_facts(self, before, after) -> None:
-        if before is not None and after is not None and before.postmaster_start and after.postmaster_start:
+        """Compare the new connection's ServerFacts with those of the one that ended; a flag is
+        set only when both sides say, and "_now" means "now, and not before"."""
+        self.info["server_facts_after"] = after
+        if after is None:
+            return
+        if before is None:
+            if after.in_recovery:  # nothing to compare with, but a standby now is worth saying
+                self.reveal["in_recovery_now"] = True
+            return
+        if before.postmaster_start and after.postmaster_start:
             self.reveal["postmaster_start_changed"] = abs(before.postmaster_start - after.postmaster_start) > 0.001
-        if after is not None:
-            if after.in_recovery:
-                self.reveal["in_recovery_seen"] = True
-            if before is not None and after.read_only and not before.read_only:
-                self.reveal["read_only_now"] = True
+        if after.in_recovery is not None:
+            self.reveal["in_recovery_now"] = bool(after.in_recovery and not before.in_recovery)
+        if after.read_only is not None and before.read_only is not None:
+            self.reveal["read_only_now"] = after.read_only and not before.read_only
+        if before.timeline is not None and after.timeline is not None and after.in_recovery is False:
+            # Only a primary's timeline is exact; a standby's is its last restartpoint's, which
+            # lags a promotion it has followed (then a standby restart would look like a move).
+            self.reveal["timeline_changed"] = before.timeline != after.timeline
+        if before.system_identifier and after.system_identifier:
+            self.reveal["system_identifier_changed"] = before.system_identifier != after.system_identifier
+        old_at, new_at = (before.server_addr, before.server_port), (after.server_addr, after.server_port)
+        if all(old_at) and all(new_at) and old_at != new_at:
+            self.reveal["address_changed"] = True  # as the server sees itself: NAT, VIP, DNS
 
     def replayed(self, summary: str) -> None:
         self.replay_summary = summary
 
-    def finish(self, conn, *, impact: str, succeeded: bool | None, now: float | None = None) -> dict | None:
+    def finish(self, conn, *, impact: str, succeeded: bool | None, now: float | None = None,
+               abandoned: bool = False) -> dict | None:
         """Close the book; the record facts go to the runtime, which classifies and writes them."""
         if not self.active:
             return None
@@ -124,6 +145,8 @@ class DropTracker:
             "replayed": self.replay_summary,
             **self.reveal,
         }
+        if abandoned:  # the client left first: neither success nor failure, no evidence of either
+            info["reconnect"]["abandoned"] = True
         if succeeded is None:  # no reconnect was tried (non-replayable state, or "close")
             info["reconnect"]["attempts"] = 0
         self.started = None

@@ -94,6 +94,20 @@ class DropDecision:
     client_protocol_violation: bool = False  # the server ended the session over what the client sent
 
 
+# PostgreSQL's own words when it ends a session over the client's bytes (postgres.c, pqformat.c).
+# PgBouncer also uses 08P01 for its own FATALs (client_idle_timeout, "server conn crashed?"):
+# those are drops of the pooler's making, not the client's.
+_CLIENT_VIOLATION = re.compile(
+    r"(?i)invalid frontend message|protocol synchronization was lost|invalid message|unexpected message"
+    r"|insufficient data left in message|invalid string in message|incorrect binary data format"
+)
+
+
+def blames_client(reason: ServerReason) -> bool:
+    """The server ended the session over something the client sent: not a drop to hide."""
+    return reason.code == sqlstate.PROTOCOL_VIOLATION and _CLIENT_VIOLATION.search(reason.message) is not None
+
+
 def drop_state(owed: int, status: TxStatus, group_sent: bool = False) -> str:
     if status is not TxStatus.IDLE:
         return "in_transaction"
@@ -110,7 +124,7 @@ def decide_drop(snap: DropSnapshot) -> DropDecision:
         decision.close_silently = True
         decision.impact = "client closed: the drop split a server message the client had partly received"
         return decision
-    if reason is not None and reason.code == sqlstate.PROTOCOL_VIOLATION:
+    if reason is not None and blames_client(reason):
         # The server ended the session over the client's bytes: not a drop to hide.
         decision.client_protocol_violation = True
         decision.fatal = reason.raw or error_bytes("FATAL", reason.code, reason.message)

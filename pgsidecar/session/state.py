@@ -91,10 +91,31 @@ def snapshot_sql(custom_names: set[str] | frozenset[str]) -> bytes:
     ).encode()
 
 
+# The facts a later drop is judged against, read right after each login; checked on PostgreSQL
+# 15 as an ordinary role (PUBLIC may execute every function here). The postmaster start time is
+# kept by crash recovery and new after a restart or on another server; the system identifier is
+# the same on every physical copy of one cluster; the timeline grows by one at each promotion.
+#  - read-only is pg_settings.reset_val, not current_setting(): after a reconnect this runs after
+#    the replay, and a replayed `SET default_transaction_read_only` is not the server's doing;
+#    reset_val keeps the server, database, role and startup-packet values.
+#  - a primary's timeline is its WAL insert position's (pg_walfile_name raises 55000 in
+#    recovery, so it is not called there); pg_control_checkpoint() lags a promotion until the
+#    checkpoint after it ends, so it serves only a standby (its last restartpoint's timeline).
+#  - any error loses the whole row, so the identity facts are skipped (NULL) where they are known
+#    to raise: Aurora (it has aurora_version()) refuses WAL control functions unless
+#    wal_level = logical (reports in DataDog/integrations-core#20356, mackerel-agent-plugins#804).
+#    A CASE guards only runtime errors: a REVOKE from PUBLIC still fails the row at executor start.
 FACTS_SQL = (
     b"SELECT EXTRACT(epoch FROM pg_catalog.pg_postmaster_start_time())::float8,"
-    b" pg_catalog.pg_is_in_recovery(), pg_catalog.current_setting('default_transaction_read_only'),"
-    b" pg_catalog.host(pg_catalog.inet_server_addr())"
+    b" pg_catalog.pg_is_in_recovery(),"
+    b" (SELECT reset_val FROM pg_catalog.pg_settings WHERE name = 'default_transaction_read_only'),"
+    b" pg_catalog.host(pg_catalog.inet_server_addr()), pg_catalog.inet_server_port(),"
+    b" CASE WHEN NOT a.aurora THEN (SELECT system_identifier FROM pg_catalog.pg_control_system())::text END,"
+    b" CASE WHEN a.aurora THEN NULL WHEN pg_catalog.pg_is_in_recovery()"
+    b" THEN (SELECT timeline_id FROM pg_catalog.pg_control_checkpoint())"
+    b" ELSE pg_catalog.concat('x', pg_catalog.substr(pg_catalog.pg_walfile_name("
+    b"pg_catalog.pg_current_wal_lsn()), 1, 8))::bit(32)::int4 END"
+    b" FROM (SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_proc WHERE proname = 'aurora_version') AS aurora) a"
 )
 
 
@@ -108,22 +129,38 @@ def sql_literal(value: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ServerFacts:
+    """The row of FACTS_SQL; None where the server did not say (an older reply, no privilege)."""
+
     postmaster_start: float | None = None
     in_recovery: bool | None = None
-    read_only: bool | None = None
+    read_only: bool | None = None  # new transactions are read-only: recovery, or the setting
     server_addr: str | None = None
+    server_port: int | None = None
+    system_identifier: str | None = None  # text: a 64-bit number stays exact in JSON
+    timeline: int | None = None
 
 
 def parse_facts(row: list[bytes | None]) -> ServerFacts:
     def text(i: int) -> str | None:
-        return row[i].decode() if i < len(row) and row[i] is not None else None
+        value = row[i] if i < len(row) else None
+        return None if value is None else value.decode()
+
+    def number(i: int) -> int | None:
+        value = text(i)
+        return int(value) if value and value.lstrip("-").isdigit() else None
 
     start = text(0)
+    recovery = None if text(1) is None else text(1) == "t"
+    default_ro = None if text(2) is None else text(2) == "on"
+    read_only = True if recovery or default_ro else (None if default_ro is None else False)
     return ServerFacts(
         postmaster_start=float(start) if start else None,
-        in_recovery=text(1) == "t",
-        read_only=text(2) == "on",
+        in_recovery=recovery,
+        read_only=read_only,
         server_addr=text(3),
+        server_port=number(4),
+        system_identifier=text(5),
+        timeline=number(6),
     )
 
 
@@ -183,7 +220,7 @@ class SessionBook:
     state: SessionState = field(default_factory=SessionState)
     dirty: bool = False
     custom_names: set[str] = field(default_factory=set)
-    parses: dict[str, bytes] = field(default_factory=dict)  # statement name -> whole Parse message
+    parses: dict[str, bytes] = field(default_factory=dict)  # statement name -> its whole Parse body
 
     def note_request(self, sql: bytes) -> bool:
         """Book one statement text; True when it may commit (its outcome is then unknown if the

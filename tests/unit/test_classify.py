@@ -38,6 +38,11 @@ def failed(*errors: str) -> ReconnectOutcome:
     return ReconnectOutcome(len(errors) or 1, 30.0, False, tuple(errors))
 
 
+def abandoned(*errors: str, **flags: object) -> ReconnectOutcome:
+    """The client left while pgsidecar was still reconnecting."""
+    return ReconnectOutcome(len(errors) + 1, 1.5, False, tuple(errors), abandoned=True, **flags)  # type: ignore[arg-type]
+
+
 def ev(
     obs: Observed,
     reconnect: ReconnectOutcome | None = None,
@@ -53,7 +58,16 @@ EOF_BARE = Observed("eof", tls_close_notify=False)
 RESET = Observed("reset", errno_name="ECONNRESET")
 TIMEOUT = Observed("timeout", errno_name="ETIMEDOUT", tcp_info={"probes": 3, "retransmits": 0})
 STARTING = "57P03 the database system is starting up"
+SHUTTING_DOWN = "57P03 the database system is shutting down"
 RECOVERY = "57P03 the database system is in recovery mode"
+NOT_YET = "57P03 the database system is not yet accepting connections"
+IMMEDIATE = "terminating connection due to immediate shutdown command"
+CRASH = "terminating connection because of crash of another server process"
+# What the new connection found when another server took over the upstream's address.
+STANDBY_NOW = {"postmaster_start_changed": True, "in_recovery_now": True, "read_only_now": True,
+               "system_identifier_changed": False}
+PROMOTED_NOW = {"postmaster_start_changed": True, "in_recovery_now": False, "timeline_changed": True,
+                "system_identifier_changed": False}
 
 TABLE: list[tuple[str, Evidence, DropCause]] = [
     # 1-3: the server named its own timeout
@@ -115,13 +129,86 @@ TABLE: list[tuple[str, Evidence, DropCause]] = [
         ev(fatal("08P01", "pgbouncer cannot connect to server")),
         C.UPSTREAM_POOLER,
     ),
-    # 5: failover
+    # 5: another server now: switchover (clean shutdown first) or failover (it vanished)
     ("address changed", ev(EOF_BARE, ok(address_changed=True)), C.FAILOVER),
-    ("read-only now", ev(fatal("57P01", ADMIN), ok(read_only_now=True)), C.FAILOVER),
     (
         "failover beats certificate change",
         ev(EOF_BARE, ok(address_changed=True, certificate_changed=True)),
         C.FAILOVER,
+    ),
+    (
+        "fast shutdown, then a standby at the same address",
+        ev(fatal("57P01", ADMIN), ok(4, errors=["ECONNREFUSED", NOT_YET], **STANDBY_NOW)),
+        C.SWITCHOVER,
+    ),
+    (
+        "fast shutdown, then a promoted standby",
+        ev(fatal("57P01", ADMIN), ok(3, errors=["ECONNREFUSED"] * 2, **PROMOTED_NOW)),
+        C.SWITCHOVER,
+    ),
+    (
+        "57P01 text only, then another cluster",
+        ev(Observed("fatal", message=ADMIN),
+           ok(postmaster_start_changed=True, system_identifier_changed=True)),
+        C.SWITCHOVER,
+    ),
+    (
+        "57P01, then a standby, start time unknown",
+        ev(fatal("57P01", ADMIN), ok(in_recovery_now=True)),
+        C.SWITCHOVER,
+    ),
+    (
+        "eof, first error shutting down, then a promoted standby",
+        ev(EOF_BARE, ok(3, errors=[SHUTTING_DOWN, "ECONNREFUSED"], **PROMOTED_NOW)),
+        C.SWITCHOVER,
+    ),
+    (
+        "immediate shutdown, then a promoted standby",
+        ev(warn_eof("57P01", IMMEDIATE), ok(5, errors=["ECONNREFUSED"] * 4, **PROMOTED_NOW)),
+        C.FAILOVER,
+    ),
+    (
+        "crash, then a standby (not the crash of this server)",
+        ev(warn_eof("57P02", CRASH), ok(2, errors=["ECONNREFUSED"], **STANDBY_NOW)),
+        C.FAILOVER,
+    ),
+    (
+        "postmaster died, then a promoted standby",
+        ev(fatal("57P01", "terminating connection due to unexpected postmaster exit"),
+           ok(2, **PROMOTED_NOW)),
+        C.FAILOVER,
+    ),
+    (
+        "path timeout, then a standby",
+        ev(TIMEOUT, ok(3, errors=["ETIMEDOUT"], **STANDBY_NOW), idle=25.0),
+        C.FAILOVER,
+    ),
+    (
+        "same postmaster at another address is the same server",
+        ev(fatal("57P01", ADMIN), ok(postmaster_start_changed=False, address_changed=True)),
+        C.ADMIN_TERMINATE,
+    ),
+    (
+        "same postmaster on a new timeline is the same server",
+        ev(fatal("57P01", ADMIN), ok(postmaster_start_changed=False, timeline_changed=True)),
+        C.ADMIN_TERMINATE,
+    ),
+    (
+        "same postmaster in recovery now: no crash without crash evidence",
+        ev(fatal("57P01", ADMIN), ok(postmaster_start_changed=False, in_recovery_now=True)),
+        C.ADMIN_TERMINATE,
+    ),
+    (
+        "read-only now, same server: not a failover",
+        ev(fatal("57P01", ADMIN), ok(postmaster_start_changed=False, read_only_now=True)),
+        C.ADMIN_TERMINATE,
+    ),
+    (
+        "restart, read-only now, same timeline: a restart",
+        ev(fatal("57P01", ADMIN), ok(3, errors=["ECONNREFUSED"], postmaster_start_changed=True,
+                                       read_only_now=True, in_recovery_now=False,
+                                       timeline_changed=False)),
+        C.SERVER_RESTART,
     ),
     # 6: crash said
     (
@@ -175,6 +262,17 @@ TABLE: list[tuple[str, Evidence, DropCause]] = [
         C.SERVER_CRASH,
     ),
     ("reset then in_recovery flag", ev(RESET, ok(in_recovery_seen=True)), C.SERVER_CRASH),
+    (
+        "kill -9: 57P03 recovery mode while the postmaster stays",
+        ev(EOF_BARE, ok(3, errors=["eof", RECOVERY], postmaster_start_changed=False,
+                        in_recovery_now=False, timeline_changed=False)),
+        C.SERVER_CRASH,
+    ),
+    (
+        "a standby's not-yet-consistent refusal is a (re)start, not a crash",
+        ev(RESET, ok(3, errors=[NOT_YET, NOT_YET]), idle=2.0),
+        C.SERVER_RESTART,
+    ),
     # 10: 57P01 with restart signs
     (
         "57P01 + postmaster changed",
@@ -196,6 +294,11 @@ TABLE: list[tuple[str, Evidence, DropCause]] = [
         ev(fatal("57P01", ADMIN), failed("ETIMEDOUT")),
         C.SERVER_RESTART,
     ),
+    (
+        "57P01 + abandoned after refused first: the refusal decides",
+        ev(fatal("57P01", ADMIN), abandoned("ECONNREFUSED")),
+        C.SERVER_RESTART,
+    ),
     # 11: 57P01 otherwise
     (
         "57P01, server unchanged, at once",
@@ -204,6 +307,12 @@ TABLE: list[tuple[str, Evidence, DropCause]] = [
     ),
     ("57P01, no reconnect evidence", ev(fatal("57P01", ADMIN)), C.ADMIN_TERMINATE),
     ("57P01 text only", ev(Observed("fatal", message=ADMIN), ok()), C.ADMIN_TERMINATE),
+    ("57P01, client left during the reconnect", ev(fatal("57P01", ADMIN), abandoned()), C.ADMIN_TERMINATE),
+    (
+        "57P01, client left while the role was refused",
+        ev(fatal("57P01", ADMIN), abandoned('53300 too many connections for role "app"')),
+        C.ADMIN_TERMINATE,
+    ),
     # 12: restart signs after a plain end
     (
         "bare eof + postmaster changed",
@@ -249,6 +358,11 @@ TABLE: list[tuple[str, Evidence, DropCause]] = [
         ev(TIMEOUT, failed("ETIMEDOUT"), idle=400.0, keepalive=None),
         C.NETWORK_TIMEOUT,
     ),
+    (
+        "long silence, client left during the reconnect: no proof the path is dead",
+        ev(TIMEOUT, abandoned(), idle=400.0, keepalive=None),
+        C.PATH_IDLE_TIMEOUT,
+    ),
     ("unreachable", ev(Observed("unreachable", errno_name="EHOSTUNREACH")), C.NETWORK_TIMEOUT),
     # 17: unknown
     ("bare eof, server unchanged", ev(EOF_BARE, ok(postmaster_start_changed=False)), C.UNKNOWN),
@@ -275,9 +389,47 @@ def test_table(name: str, evidence: Evidence, cause: DropCause) -> None:
     assert all(isinstance(e, str) and e for e in got.evidence)
 
 
-def test_every_cause_but_too_many_has_a_row() -> None:
+def test_every_cause_but_the_secondary_only_ones_has_a_row() -> None:
     covered = {row[2] for row in TABLE}
-    assert set(DropCause) - covered == {C.TOO_MANY_CONNECTIONS}  # secondary only, tested below
+    # What a reconnect finds, never why the connection ended: tested below.
+    assert set(DropCause) - covered == {C.TOO_MANY_CONNECTIONS, C.SERVER_READ_ONLY}
+
+
+def test_abandoned_reconnect_is_no_restart_sign_nor_failure() -> None:
+    """Issue 10 item 7: a client that leaves mid-reconnect after pg_terminate_backend."""
+    got = classify(ev(fatal("57P01", ADMIN), abandoned('53300 too many connections for role "app"')))
+    assert got.cause is C.ADMIN_TERMINATE
+    assert "reconnect_abandoned" in got.evidence and "reconnect_failed" not in got.evidence
+    assert got.secondary == (C.TOO_MANY_CONNECTIONS,)
+    assert "CONNECTION LIMIT" in got.hint and "max_connections" not in got.hint
+    got = classify(ev(TIMEOUT, abandoned(), idle=25.0))
+    assert got.cause is C.NETWORK_TIMEOUT and "reconnect_failed" not in got.evidence
+    assert not ReconnectOutcome(1, 1.0, False, abandoned=True).failed
+    assert ReconnectOutcome(1, 1.0, False).failed and not ReconnectOutcome(1, 1.0, True).failed
+
+
+def test_switchover_and_failover_name_their_facts() -> None:
+    got = classify(ev(fatal("57P01", ADMIN), ok(3, **STANDBY_NOW)))
+    assert got.cause is C.SWITCHOVER
+    assert "postmaster_start_changed" in got.evidence and "in_recovery_now" in got.evidence
+    assert "standby" in got.hint and "25006" in got.hint and "was shut down" in got.hint
+    assert got.secondary == ()  # read-only and a new certificate are part of the move
+    got = classify(ev(warn_eof("57P01", IMMEDIATE), ok(3, certificate_changed=True, **PROMOTED_NOW)))
+    assert got.cause is C.FAILOVER and got.secondary == ()
+    assert "timeline_changed" in got.evidence and "in_recovery_now" not in got.evidence
+    assert "standby" not in got.hint and "without a clean shutdown" in got.hint
+    got = classify(ev(EOF_BARE, ok(2, errors=[SHUTTING_DOWN], **PROMOTED_NOW)))
+    assert got.cause is C.SWITCHOVER and "reconnect_first_error=57P03" in got.evidence
+
+
+def test_read_only_now_on_the_same_server_is_a_secondary_finding() -> None:
+    got = classify(ev(fatal("57P01", ADMIN), ok(postmaster_start_changed=False, read_only_now=True)))
+    assert got.cause is C.ADMIN_TERMINATE and got.secondary == (C.SERVER_READ_ONLY,)
+    assert "default_transaction_read_only" in got.hint and "25006" in got.hint
+    got = classify(ev(fatal("57P01", ADMIN),
+                      ok(postmaster_start_changed=False, in_recovery_now=True, read_only_now=True)))
+    assert got.cause is C.ADMIN_TERMINATE and got.secondary == (C.SERVER_READ_ONLY,)
+    assert "standby" in got.hint and C.SERVER_CRASH not in got.secondary
 
 
 def test_every_cause_has_phrase_and_hint() -> None:

@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -168,11 +169,36 @@ def test_six_sidecars_in_the_same_second(tmp_path: Path) -> None:
     code, out, _ = run([str(path)])
     assert code == 0
     assert "6 at 01:00:00 on db:5432 across all 6 sidecars: server crash (crash recovery)" in out
-    assert "server was in recovery" in out
+    assert "server was in crash recovery" in out
     _, js, _ = run([str(path), "--json"])
     [event] = json.loads(js)["events"]
     assert event["sidecars"] == 6 and event["all_sidecars"] is True
     assert event["cause"] == "server_crash"
+
+
+def test_switchover_event_names_what_told_it(tmp_path: Path) -> None:
+    """A switchover hits every session of every sidecar at once; the event line says what the
+    new connections found (a standby, the postmaster changed), and the hint is the record's."""
+    t = DAY0 + 7200.2
+    evidence = ("kind=fatal", "sqlstate=57P01", "postmaster_start_changed", "in_recovery_now")
+    recs = [rec(t + k * 0.1, cause=DropCause.SWITCHOVER, sidecar=f"pod{k}", evidence=evidence)
+            for k in range(3)]
+    recs.append(rec(t + 30, cause=DropCause.ADMIN_TERMINATE, sidecar="pod0",  # unrelated
+                    evidence=("kind=fatal", "sqlstate=57P01", "reconnect_abandoned")))
+    path = write(tmp_path / "all.jsonl", recs)
+    code, out, _ = run([str(path)])
+    assert code == 0
+    assert ("across all 3 sidecars: switchover to another server (postmaster start time changed,"
+            " a standby now)") in out, out
+    assert re.search(r"^\s+3\s+switchover\s+switchover to another server$", out, re.MULTILINE), out
+    assert "switchover: the server was shut down and another server took over" in out, out
+    _, js, _ = run([str(path), "--json"])
+    summary = json.loads(js)
+    assert {c["cause"]: c["count"] for c in summary["by_cause"]} == {"switchover": 3,
+                                                                    "admin_terminate": 1}
+    [event] = summary["events"]
+    assert event["cause"] == "switchover" and event["drops"] == 3
+    assert event["evidence"] == ["sqlstate=57P01", "postmaster_start_changed", "in_recovery_now"]
 
 
 def test_same_second_different_upstreams_not_correlated(tmp_path: Path) -> None:

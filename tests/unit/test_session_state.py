@@ -10,12 +10,16 @@ against a real server: ``CREATE TEMP TABLE t AS ...`` and ``SELECT ... INTO TEMP
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
+from pgsidecar.relay.dropbook import DropTracker
 from pgsidecar.relay.recovery import LocalAbortResponder
 from pgsidecar.session.replay import ReplayPlan, plan_replay
 from pgsidecar.session.state import (
+    FACTS_SQL,
+    ServerFacts,
     SessionBook,
     SessionState,
     custom_setting_names,
@@ -190,6 +194,91 @@ def test_parse_facts() -> None:
     assert facts.postmaster_start == 1700000000.25
     assert facts.in_recovery is True and facts.read_only is True and facts.server_addr == "10.0.0.5"
     assert parse_facts([None, b"f", b"off", None]).postmaster_start is None
+
+
+def test_parse_facts_identity_columns() -> None:
+    """The row as PostgreSQL 15 sends it to an ordinary role (text format)."""
+    row = [b"1796159205.065955", b"f", b"off", b"127.0.0.1", b"47555", b"7714445028576536906", b"1"]
+    assert parse_facts(row) == ServerFacts(1796159205.065955, False, False, "127.0.0.1", 47555,
+                                           "7714445028576536906", 1)
+    standby = parse_facts([b"1796159206.5", b"t", b"off", b"127.0.0.1", b"48883", b"77", b"1"])
+    assert standby.in_recovery is True and standby.read_only is True  # recovery forces read-only
+    unix = parse_facts([b"1.0", b"f", b"on", None, None, None, None])
+    assert unix.read_only is True and unix.server_port is None and unix.timeline is None
+    short = parse_facts([b"1.0"])  # an older or partial reply: unknown, not False
+    assert short.in_recovery is None and short.read_only is None and short.system_identifier is None
+
+
+def test_facts_sql_reads_read_only_as_the_server_sets_it() -> None:
+    """A replayed SET default_transaction_read_only runs before this query on a reconnect."""
+    sql = FACTS_SQL.decode()
+    assert "reset_val" in sql and "current_setting" not in sql
+    assert "pg_walfile_name" in sql and "pg_control_checkpoint" in sql and "pg_control_system" in sql
+    assert "aurora_version" in sql  # where the WAL control functions raise, they are not called
+
+
+def _compared(before: ServerFacts | None, after: ServerFacts | None) -> dict:
+    book = DropTracker(active=True)
+    book.new_facts(before, after)
+    assert book.info["server_facts_after"] is after
+    return book.reveal
+
+
+PRIMARY = ServerFacts(1000.0, False, False, "10.0.0.5", 5432, "77", 1)
+
+
+def test_new_facts_of_a_switchover_to_a_standby() -> None:
+    standby = ServerFacts(2000.0, True, True, "10.0.0.5", 5432, "77", 1)
+    assert _compared(PRIMARY, standby) == {
+        "postmaster_start_changed": True, "in_recovery_now": True, "read_only_now": True,
+        "system_identifier_changed": False,
+    }
+
+
+def test_a_standby_timeline_is_not_compared() -> None:
+    """A standby's timeline is its last restartpoint's (pg_control_checkpoint), which lags a
+    promotion it followed; its restart must not read as a move to another server."""
+    lagging = ServerFacts(1000.0, True, True, "10.0.0.5", 5432, "77", 1)
+    restarted = ServerFacts(2000.0, True, True, "10.0.0.5", 5432, "77", 2)
+    got = _compared(lagging, restarted)
+    assert "timeline_changed" not in got and got["in_recovery_now"] is False
+    promoted = ServerFacts(2000.0, False, False, "10.0.0.5", 5432, "77", 2)
+    assert _compared(lagging, promoted)["timeline_changed"] is True
+
+
+def test_new_facts_of_a_promoted_standby_elsewhere_and_of_another_cluster() -> None:
+    promoted = ServerFacts(2000.0, False, False, "10.0.0.6", 5432, "77", 2)
+    got = _compared(PRIMARY, promoted)
+    assert got["timeline_changed"] is True and got["in_recovery_now"] is False
+    assert got["address_changed"] is True and got["system_identifier_changed"] is False
+    other = ServerFacts(2000.0, False, False, "10.0.0.5", 5432, "88", 1)
+    assert _compared(PRIMARY, other)["system_identifier_changed"] is True
+
+
+def test_new_facts_of_a_crash_recovery_change_nothing() -> None:
+    same = ServerFacts(1000.0, False, False, "10.0.0.5", 5432, "77", 1)
+    got = _compared(PRIMARY, same)
+    assert not any(got.values()) and got["postmaster_start_changed"] is False
+    assert "address_changed" not in got
+
+
+def test_new_facts_with_unknowns() -> None:
+    assert _compared(PRIMARY, None) == {}
+    assert _compared(None, ServerFacts(2000.0, True, True)) == {"in_recovery_now": True}
+    old_reply = ServerFacts(1000.0, False, False, "10.0.0.5")  # no port, identifier, timeline
+    got = _compared(old_reply, PRIMARY)
+    assert set(got) == {"postmaster_start_changed", "in_recovery_now", "read_only_now"}
+    # A standby that stays a standby is not "in recovery now": that was already so before.
+    standby = ServerFacts(1000.0, True, True, "10.0.0.5", 5432, "77", 1)
+    assert _compared(standby, replace(standby, postmaster_start=2000.0))["in_recovery_now"] is False
+
+
+def test_crash_recovery_refusal_is_told_from_a_standby_refusal() -> None:
+    book = DropTracker(active=True)
+    book.reconnect_error("57P03 the database system is not yet accepting connections", "57P03")
+    assert "in_recovery_seen" not in book.reveal
+    book.reconnect_error("57P03 the database system is in recovery mode", "57P03")
+    assert book.reveal["in_recovery_seen"] is True
 
 
 # ---------------------------------------------------------------- plan_replay

@@ -294,6 +294,16 @@ def test_servers_protocol_violation_fatal_ends_the_session_with_its_words() -> N
     assert "protocol violation" in drop_record(out)["impact"]
 
 
+def test_a_poolers_08p01_is_a_drop_like_any_other() -> None:
+    """PgBouncer ends sessions with FATAL 08P01 of its own ("client_idle_timeout"): hidden."""
+    pb = Playbook()
+    login(pb)
+    first_query(pb)
+    assert pb.server(error("FATAL", "08P01", "client_idle_timeout")) == []
+    out = pb.server_closed()
+    assert to_client(out) == b"" and cmd.OpenServer(reconnect=True) in out
+
+
 # ---------------------------------------------------------------- the server's words
 
 

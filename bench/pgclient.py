@@ -27,8 +27,10 @@ def _message(kind: bytes, body: bytes) -> bytes:
 class MiniClient:
     """One session: `await connect()`, `await query(sql)`, `close()`."""
 
-    def __init__(self, port: int, user: str, password: str, dbname: str = "postgres") -> None:
+    def __init__(self, port: int, user: str, password: str, dbname: str = "postgres",
+                 application_name: str = "bench-idle") -> None:
         self.port, self.user, self.password, self.dbname = port, user, password, dbname
+        self.application_name = application_name
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -48,7 +50,7 @@ class MiniClient:
         # Small socket buffers: the bench holds many sessions, not many bytes.
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port, limit=8192)
         params = b"".join(k + b"\0" + v.encode() + b"\0" for k, v in (
-            (b"user", self.user), (b"database", self.dbname), (b"application_name", "bench-idle")))
+            (b"user", self.user), (b"database", self.dbname), (b"application_name", self.application_name)))
         body = struct.pack("!I", PROTOCOL_3_0) + params + b"\0"
         self.writer.write(struct.pack("!I", len(body) + 4) + body)
         await self._authenticate()

@@ -122,7 +122,8 @@ def format_reconnect(seconds: list[float]) -> str:
 
 
 def to_json(meta: dict, summaries: list[Summary], memory: list[MemoryResult],
-            reconnect_s: list[float], scale: ScaleResult | None = None) -> str:
+            reconnect_s: list[float], scale: ScaleResult | None = None,
+            churn: list[ChurnResult] | None = None) -> str:
     """Everything the tables show, plus every round, as one JSON document."""
     doc = {
         "meta": meta,
@@ -134,6 +135,8 @@ def to_json(meta: dict, summaries: list[Summary], memory: list[MemoryResult],
     }
     if scale is not None:
         doc["scale"] = scale_json(scale)
+    if churn:
+        doc["churn"] = [asdict(c) for c in churn]
     return json.dumps(doc, indent=2, sort_keys=False)
 
 
@@ -226,3 +229,50 @@ def format_scale(result: ScaleResult) -> str:
 def scale_json(result: ScaleResult) -> dict:
     """The scale run as plain data, with the derived totals a reader would otherwise recompute."""
     return {**asdict(result), "errors": result.errors, "qps": result.qps}
+
+
+#: Issue 10's figure for the same scenario before the priority gate (one FIFO semaphore).
+CHURN_BEFORE_GATE = "5-9 s as reported in issue 10"
+
+
+@dataclass(frozen=True, slots=True)
+class ChurnResult:
+    """The churn run: `reconnect_s` holds one idle session's transparent reconnect time per rep
+    (drop records' reconnect.duration_s) while `clients` loops connect and disconnect."""
+
+    clients: int
+    reps: int
+    interval_s: float
+    seconds: float
+    cycles: int
+    cycles_per_s: float | None
+    connect_errors: int
+    error_samples: list[str]
+    connect_ms: dict[str, float | None]
+    reconnect_s: list[float]
+    failed_reps: int
+    rep_samples: list[str]
+    max_concurrent: int | None = None  # the sidecar's reconnect.max_concurrent in this run
+    gate_connecting: list[float] = field(default_factory=list)  # upstream connects in progress or
+    # waiting at the gate, sampled just before each terminate (the first logins a reconnect meets)
+
+
+def format_churn(result: ChurnResult) -> str:
+    """Reconnect min / median / max over the reps, and what the churn itself achieved."""
+    secs = result.reconnect_s
+    low, mid, high = (min(secs), median(secs), max(secs)) if secs else (None, None, None)
+    connect = "   ".join(f"{k} {_num(v, 1)}" for k, v in result.connect_ms.items())
+    gate = result.gate_connecting
+    gate_text = (f"   connects in progress or waiting at the gate before each terminate: "
+                 f"min {min(gate):,.0f} median {median(gate):,.0f} max {max(gate):,.0f}") if gate else ""
+    lines = [f"== churn: {result.clients} clients connecting and disconnecting through pgsidecar "
+             f"(reconnect.max_concurrent {result.max_concurrent if result.max_concurrent is not None else '?'}); "
+             f"an idle session's backend terminated every {result.interval_s:g} s",
+             f"transparent reconnect s   min {_num(low, 3)}   median {_num(mid, 3)}   max {_num(high, 3)}   "
+             f"({len(secs)} of {result.reps} reps; target < 1 s; before the priority gate: {CHURN_BEFORE_GATE})",
+             f"reps {' '.join(f'{s:.3f}' for s in secs) or '-'}   failed {result.failed_reps}",
+             f"churn: {result.cycles:,} connect+query+disconnect cycles in {result.seconds:g} s "
+             f"({_num(result.cycles_per_s)}/s while terminating)   connect errors {result.connect_errors}",
+             f"first-login connect ms   {connect}{gate_text}"]
+    lines += [f"  ! {sample}" for sample in result.error_samples + result.rep_samples]
+    return "\n".join(lines)

@@ -107,6 +107,7 @@ class Stack:
     bouncer_port: int = 0
     sidecar: subprocess.Popen | None = None
     sidecar_port: int = 0
+    metrics_port: int = 0  # 0: the sidecar runs without its metrics listener
 
     @property
     def user(self) -> str:
@@ -192,20 +193,35 @@ class Stack:
                                         stderr=subprocess.DEVNULL, start_new_session=True, **_as_nobody())
         wait_port(self.bouncer_port, self.bouncer, "pgbouncer")
 
-    def _start_sidecar(self) -> None:
+    def restart_sidecar(self, env: dict[str, str] | None = None, *, metrics: bool = False) -> None:
+        """A fresh pgsidecar on the same port with extra PGSIDECAR_* settings (the churn run varies
+        reconnect.max_concurrent) and optionally its metrics listener; None/False: as at start."""
+        stop_pid(self.sidecar)
+        self._start_sidecar(env, metrics=metrics, port=self.sidecar_port)
+
+    def _start_sidecar(self, extra_env: dict[str, str] | None = None, *, metrics: bool = False,
+                       port: int = 0) -> None:
         assert self.cluster is not None
-        self.sidecar_port = free_port()
+        self.sidecar_port = port or free_port()
+        self.metrics_port = free_port() if metrics else 0
         upstream = f"host=127.0.0.1 port={self.cluster.port} sslmode=require"
-        log = open(os.path.join(self.root, "sidecar.log"), "wb")
+        log = open(os.path.join(self.root, "sidecar.log"), "ab")  # a restart keeps the earlier lines
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PGSIDECAR_"))}
         env["PGSIDECAR_LISTEN_MAX_CLIENTS"] = "2000"
+        env.update(extra_env or {})
         argv = [sys.executable, *self.sidecar_prefix(), "-m", "pgsidecar", "run",
                 "--listen", f"127.0.0.1:{self.sidecar_port}", "--upstream", upstream,
-                "--metrics", "none", "--log-format", "json", "--log-level", "warning"]
+                "--metrics", f"127.0.0.1:{self.metrics_port}" if metrics else "none",
+                "--log-format", "json", "--log-level", "warning", "--drop-log", self.drop_log]
         self.sidecar = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
         log.close()
         wait_port(self.sidecar_port, self.sidecar, "pgsidecar")
+
+    @property
+    def drop_log(self) -> str:
+        """The sidecar's drop records (one JSON line per drop; the churn run reads reconnect times)."""
+        return os.path.join(self.root, "drops.jsonl")
 
     def sidecar_prefix(self) -> list[str]:
         """Interpreter options before `-m pgsidecar`: BENCH_SIDECAR_PROFILE=out.prof runs cProfile."""

@@ -248,7 +248,7 @@ class ClientDriver(asyncio.Protocol):
 
     def _other(self, command: object) -> None:
         if isinstance(command, cmd.OpenServer):
-            self._open_server(command.use_tls)
+            self._open_server(command.use_tls, command.reconnect)
         elif isinstance(command, cmd.CloseServer):
             self._close_server(abort=command.abort)
         elif isinstance(command, cmd.CloseClient):
@@ -319,22 +319,23 @@ class ClientDriver(asyncio.Protocol):
         self.client = new
         self.feed(ev.ClientTLSStarted(time.monotonic()))
 
-    def _open_server(self, use_tls: bool | None) -> None:
+    def _open_server(self, use_tls: bool | None, reconnect: bool = False) -> None:
         self._close_server()
-        self.connecting = asyncio.ensure_future(self._connect(use_tls))
+        self.connecting = asyncio.ensure_future(self._connect(use_tls, reconnect))
 
-    async def _connect(self, use_tls: bool | None) -> None:
+    async def _connect(self, use_tls: bool | None, reconnect: bool = False) -> None:
         try:
-            await self._connect_once(use_tls)
+            await self._connect_once(use_tls, reconnect)
         except asyncio.CancelledError:
             raise
         except Exception:
             self.fail(f"internal error while connecting upstream for session {self.brain.peer or '?'}; closing it")
 
-    async def _connect_once(self, use_tls: bool | None) -> None:
+    async def _connect_once(self, use_tls: bool | None, reconnect: bool = False) -> None:
         side = ServerSide(self)
         try:
-            async with self.sidecar.connect_slots:
+            # The brain's reconnect mark picks the gate's class: reconnects go before first logins.
+            async with self.sidecar.connect_slots.slot(reconnect):
                 transport, _, facts = await open_upstream(
                     self.sidecar.target, self.sidecar.keepalive, lambda: side,
                     ssl_context=self.sidecar.upstream_tls_context, use_tls=use_tls,

@@ -14,6 +14,7 @@ from pgsidecar.relay import events as ev
 from pgsidecar.relay.connection import SessionPolicy
 from pgsidecar.relay.recovery import error_bytes
 from pgsidecar.runtime.driver import ClientDriver
+from pgsidecar.runtime.gate import ConnectGate
 from pgsidecar.runtime.tls import local_server_context, upstream_context
 from pgsidecar.runtime.upstream import UpstreamFacts, UpstreamError, open_upstream
 from pgsidecar.wire import frontend as fe
@@ -59,7 +60,8 @@ class Sidecar:
         self.write_limits = (config.relay.high_water_bytes, config.relay.low_water_bytes)
         self.startup_timeout_s = config.listen.startup_timeout_s
         limit = config.reconnect.max_concurrent
-        self.connect_slots: asyncio.Semaphore = asyncio.Semaphore(limit if limit > 0 else 1_000_000)
+        # Reconnects before first logins; at most limit + max(1, limit // 4) connects at once.
+        self.connect_slots = ConnectGate(limit if limit > 0 else 1_000_000)
         self.drivers: set[ClientDriver] = set()
         self.by_key: dict[tuple[int, bytes], ClientDriver] = {}
         self.servers: list[asyncio.AbstractServer] = []
@@ -74,13 +76,16 @@ class Sidecar:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         listen = self.config.listen
-        server = await loop.create_server(lambda: ClientDriver(self), listen.host, listen.port, backlog=1024)
+        # listen.backlog, or the kernel's somaxconn read now: a burst of connects beyond the
+        # accept queue loses SYNs, and each lost one costs its client a 1 s retransmit.
+        backlog = listen.effective_backlog
+        server = await loop.create_server(lambda: ClientDriver(self), listen.host, listen.port, backlog=backlog)
         self.servers.append(server)
         if listen.unix_socket_dir:
             path = os.path.join(listen.unix_socket_dir, f".s.PGSQL.{listen.port}")
             if os.path.exists(path):
                 os.unlink(path)
-            unix = await loop.create_unix_server(lambda: ClientDriver(self, unix=True), path)
+            unix = await loop.create_unix_server(lambda: ClientDriver(self, unix=True), path, backlog=backlog)
             os.chmod(path, 0o777)
             self.unix_path = path
             self.servers.append(unix)

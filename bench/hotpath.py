@@ -65,7 +65,7 @@ def relaying_driver() -> tuple[ClientDriver, _Transport, _Transport]:
     driver.brain.phase = Phase.RELAYING
     driver.brain.want_facts = False
     driver.brain.first_backend_pid = 4242
-    driver.registered, driver.closed, driver.timers, driver.paused_by = True, False, {}, set()
+    driver.registered, driver.closed, driver.failed, driver.timers, driver.paused_by = True, False, False, {}, set()
     client, server = _Transport(), _Transport()
     driver.client = client  # type: ignore[assignment]
     driver.server = ServerSide(driver)

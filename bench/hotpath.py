@@ -62,10 +62,9 @@ def relaying_driver() -> tuple[ClientDriver, _Transport, _Transport]:
     tally = SimpleNamespace(client_to_server=0, server_to_client=0)
     driver.sidecar = SimpleNamespace(tally=tally, on_client_error=None, register=lambda d: None)
     driver.brain = SidecarConnection(SessionPolicy(), secret=b"\0\0\0\1")
-    driver.brain.phase = Phase.RELAYING
-    driver.brain.want_facts = False
-    driver.brain.first_backend_pid = 4242
-    driver.registered, driver.closed, driver.failed, driver.timers, driver.paused_by = True, False, False, {}, set()
+    driver.brain.ctx.phase = Phase.RELAYING
+    driver.brain.ctx.first_backend_pid = 4242
+    driver.cancel_key, driver.closed, driver.failed, driver.timers, driver.paused_by = (4242, b"\0\0\0\1"), False, False, {}, set()
     client, server = _Transport(), _Transport()
     driver.client = client  # type: ignore[assignment]
     driver.server = ServerSide(driver)

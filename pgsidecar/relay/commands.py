@@ -2,12 +2,52 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import enum
+from dataclasses import dataclass, field
+
+from pgsidecar.wire.frames import MessageBuffer
+
+
+class TimerName(enum.StrEnum):
+    STARTUP = "startup"  # listen.startup_timeout: startup packets and the client's password
+    BACKOFF = "backoff"  # the jittered wait before the next reconnect attempt
+    DEADLINE = "deadline"  # reconnect.deadline: give up and tell the client
+
+
+class LogLevel(enum.StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+def error_codes(data: bytes) -> tuple[str, ...]:
+    """The SQLSTATEs of the ErrorResponses in bytes pgsidecar wrote itself (whole messages)."""
+    from pgsidecar.wire import backend as be
+
+    messages = MessageBuffer(len(data), client=False)
+    messages.feed(data)
+    codes = []
+    while (message := messages.next()) is not None:
+        if message[0] == be.ErrorResponse.TYPE[0]:
+            code = be.ErrorResponse.decode(message[1]).code
+            if code:
+                codes.append(code)
+    return tuple(codes)
 
 
 @dataclass(frozen=True, slots=True)
 class SendToClient:
+    """Bytes for the client. ``own`` marks bytes pgsidecar wrote itself (never relayed server
+    data); ``errors`` are then the SQLSTATEs of its ErrorResponses, for the error counters."""
+
     data: bytes
+    own: bool = field(default=False, compare=False)
+    errors: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if self.own and not self.errors:
+            object.__setattr__(self, "errors", error_codes(self.data))
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,13 +93,13 @@ class ResumeClient:
 
 @dataclass(frozen=True, slots=True)
 class SetTimer:
-    name: str
+    name: TimerName
     delay_s: float
 
 
 @dataclass(frozen=True, slots=True)
 class CancelTimer:
-    name: str
+    name: TimerName
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,13 +111,29 @@ class RecordDrop:
 
 @dataclass(frozen=True, slots=True)
 class Log:
-    level: str  # "debug", "info", "warning", "error"
+    level: LogLevel
     message: str
 
 
 @dataclass(frozen=True, slots=True)
 class ForwardCancel:
     """A CancelRequest arrived on a new client socket: cancel the session that owns this key."""
+
+    pid: int
+    secret: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterCancelKey:
+    """The key this client was given: cancel requests naming it belong to this session."""
+
+    pid: int
+    secret: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendCancel:
+    """Cancel the request running on the backend that serves the session now (its real key)."""
 
     pid: int
     secret: bytes
@@ -97,4 +153,6 @@ Command = (
     | RecordDrop
     | Log
     | ForwardCancel
+    | RegisterCancelKey
+    | SendCancel
 )

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pgsidecar.relay.commands import TimerName
+from pgsidecar.wire.ending import SocketEnd
+
 
 @dataclass(frozen=True, slots=True)
 class ClientConnected:
@@ -12,6 +15,7 @@ class ClientConnected:
     wall: float
     peer: str  # "127.0.0.1:53422" or "unix"
     trusted_transport: bool  # loopback or unix socket: cleartext passwords may cross it
+    refusal: tuple[str, str] | None = None  # (SQLSTATE, text): the listener cannot take it
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +45,7 @@ class ServerConnected:
     tls: bool
     channel_binding: bytes | None  # RFC 5929 tls-server-end-point hash of the server certificate
     cert_fingerprint: str | None = None
-    facts: dict = field(default_factory=dict)  # UpstreamFacts as a dict, for drop records
+    facts: dict[str, object] = field(default_factory=dict)  # the upstream socket's facts, for drop records
     cert_der: bytes | None = None  # the server certificate; the brain derives channel binding from it
 
 
@@ -65,18 +69,32 @@ class ServerClosed:
 
     now: float
     wall: float
-    kind: str  # "eof", "reset", "timeout", "unreachable", "tls_error", "other"
+    kind: SocketEnd
     errno_name: str | None = None
     tls_close_notify: bool | None = None
     detail: str | None = None
-    tcp_info: dict | None = None
+    tcp_info: dict[str, object] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Timer:
     now: float
     wall: float
-    name: str
+    name: TimerName
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """Shutdown: close idle sessions now, busy ones at their next idle point."""
+
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequested:
+    """A CancelRequest on another socket named this session's key."""
+
+    now: float
 
 
 Event = (
@@ -89,4 +107,6 @@ Event = (
     | ServerData
     | ServerClosed
     | Timer
+    | Drain
+    | CancelRequested
 )

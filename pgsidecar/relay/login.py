@@ -9,14 +9,24 @@ connect, every reconnect and ``pgsidecar check``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pgsidecar.auth.md5 import md5_password
 from pgsidecar.auth.scram import ScramClient, channel_binding_for
+from pgsidecar.relay import commands as cmd
+from pgsidecar.relay import events as ev
+from pgsidecar.relay.phases import Phase
 from pgsidecar.wire import backend as be
 from pgsidecar.wire import frontend as fe
+from pgsidecar.wire import sqlstate
 from pgsidecar.wire.errors import ServerProtocolError
 from pgsidecar.wire.frames import MessageBuffer
-from pgsidecar.wire.payload import typed_message
+from pgsidecar.wire.payload import show, typed_message
+
+if TYPE_CHECKING:
+    from pgsidecar.relay.context import SessionContext
+    from pgsidecar.relay.reconnect import Reconnect
+    from pgsidecar.relay.relaying import Relaying
 
 
 @dataclass(slots=True)
@@ -153,3 +163,90 @@ class UpstreamLogin:
         )
         self.auth_method = self._scram.mechanism
         return fe.SASLInitialResponse(self._scram.mechanism, self._scram.initial_response()).encode()
+
+
+_GIVE_UP_STATES = frozenset({sqlstate.INVALID_PASSWORD, sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
+                             sqlstate.INVALID_CATALOG_NAME})
+
+
+class Login:
+    """The login phase of a session, first and again: runs an ``UpstreamLogin`` on every new
+    upstream connection and owns the ``sslmode=allow`` retry over TLS."""
+
+    def __init__(self, ctx: SessionContext, relay: Relaying, reconnect: Reconnect) -> None:
+        self.ctx = ctx
+        self.relay = relay
+        self.reconnect = reconnect
+        self.exchange: UpstreamLogin | None = None
+        self.waiting = False  # the server asked for a password the client has not given yet
+        self.tried_tls = False
+
+    def reset(self) -> None:
+        self.exchange = None
+        self.waiting = False
+
+    def server_connected(self, event: ev.ServerConnected) -> list[cmd.Command]:
+        ctx = self.ctx
+        ctx.facts = dict(event.facts)
+        ctx.connected_wall, ctx.connected_at = event.wall, event.now
+        ctx.last_server_at = event.now
+        binding = event.channel_binding
+        if binding is None and event.cert_der is not None:
+            binding = channel_binding_for(event.cert_der)
+        self.exchange = UpstreamLogin(ctx.params, ctx.password, channel_binding=binding)
+        self.waiting = False
+        ctx.drops.connected(event)
+        return [cmd.SendToServer(self.exchange.start())]
+
+    def provide_password(self, password: str) -> list[cmd.Command]:
+        """The client answered the password request pgsidecar made on the server's behalf."""
+        assert self.exchange is not None
+        self.ctx.password = password
+        self.waiting = False
+        return [cmd.CancelTimer(cmd.TimerName.STARTUP), cmd.SendToServer(self.exchange.provide_password(password))]
+
+    def server_data(self, data: bytes) -> list[cmd.Command]:
+        ctx = self.ctx
+        if self.exchange is None:
+            raise ServerProtocolError(f"unexpected data from the server in phase {ctx.phase.value}")
+        step = self.exchange.feed(data)
+        out: list[cmd.Command] = [cmd.SendToServer(step.send)] if step.send else []
+        if step.needs_password:
+            if ctx.phase is not Phase.AUTHENTICATING:
+                return self.reconnect.give_up("the server asked for a password that the client never gave")
+            self.waiting = True
+            out.append(cmd.SendToClient(be.AuthenticationCleartextPassword().encode()))
+            # listen.startup_timeout covers the client's part of authentication too.
+            out.append(cmd.SetTimer(cmd.TimerName.STARTUP, ctx.policy.startup_timeout_s))
+        elif step.error is not None:
+            out += self._refused(step.error, step.error_bytes)
+        elif step.done is not None:
+            self.exchange = None
+            if ctx.phase is Phase.AUTHENTICATING:
+                ctx.backend_key = (step.done.backend_pid, step.done.backend_secret)
+                out += self.relay.start(step.done)
+            else:
+                out += self.reconnect.start_replay(step.done)
+        return out
+
+    def _refused(self, error: be.ErrorResponse, raw: bytes) -> list[cmd.Command]:
+        ctx = self.ctx
+        reconnecting = ctx.phase is Phase.RECONNECTING
+        if ctx.policy.allow_tls_retry and not self.tried_tls and error.code == sqlstate.INVALID_AUTHORIZATION_SPECIFICATION:
+            # libpq's sslmode=allow: plaintext first; if the server refuses it, try again with TLS.
+            self.tried_tls = True
+            self.exchange = None
+            return [cmd.CloseServer(), cmd.OpenServer(use_tls=True, reconnect=reconnecting)]
+        if ctx.phase is Phase.AUTHENTICATING:
+            # The server's own startup and auth errors reach the client unchanged.
+            ctx.goto(Phase.CLOSED)
+            user = show(ctx.params.get("user", ""))
+            return [cmd.SendToClient(raw), cmd.CloseServer(), cmd.CloseClient(),
+                    cmd.Log(cmd.LogLevel.INFO, f"upstream refused login for {user}: {error.code} {error.message}")]
+        ctx.drops.reconnect_error(f"{error.code} {error.message}", error.code)
+        self.exchange = None
+        if error.code in _GIVE_UP_STATES:
+            ctx.goto(Phase.CLOSED)
+            return [cmd.CloseServer(), *self.reconnect.finish_drop(impact=f"fatal {error.code}", succeeded=False),
+                    cmd.SendToClient(raw, own=True), cmd.CloseClient()]
+        return [cmd.CloseServer(), *self.reconnect.schedule_retry(ctx.now)]

@@ -11,7 +11,7 @@ class Phase(enum.Enum):
     RELAYING = "relaying"  # bytes flow both ways; the brain keeps its books
     RECONNECTING = "reconnecting"  # upstream lost between transactions: new connection + login
     REPLAYING = "replaying"  # new connection is up; session state being rebuilt
-    DRAINING = "draining"  # shutting down: finish the current transaction, then close
+    DRAINING = "draining"  # shutting down: relaying until the next idle point, then close
     CLOSED = "closed"
 
 

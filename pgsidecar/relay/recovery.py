@@ -59,6 +59,19 @@ class ServerReason:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientStream:
+    """Where the two byte streams stand at the drop."""
+
+    client_mid: bool = False  # the client is inside a message
+    partial_type: int | None = None  # its type
+    partial_remaining: int | None = None  # bytes of it still to come (None: header incomplete)
+    partial_kept: bytes | None = None  # its bytes so far, when within reconnect.max_buffered
+    group_sent: bool = False  # whole messages of the current group (since the last sync point) were sent
+    server_split: bool = False  # the client already holds part of a server message
+    server_messages: int = 0  # server messages seen so far
+
+
+@dataclass(frozen=True, slots=True)
 class DropSnapshot:
     """Everything the session rules look at, taken from the session at the moment of the drop."""
 
@@ -70,14 +83,7 @@ class DropSnapshot:
     proven_unexecuted: bool  # 57P05 read before any reply: the server never read the request
     inflight: bytes | None  # every client byte since the last idle point (None: too many kept)
     reason: ServerReason | None
-    # The client stream: the message it stopped inside (if any) and the group it belongs to.
-    client_mid: bool = False
-    partial_type: int | None = None
-    partial_remaining: int | None = None  # bytes of it still to come (None: header incomplete)
-    partial_kept: bytes | None = None  # its bytes so far, when within reconnect.max_buffered
-    group_sent: bool = False  # whole messages of the current group (since the last sync point) were sent
-    # The server stream: the client already holds part of a server message.
-    server_split: bool = False
+    stream: ClientStream = ClientStream()
 
 
 @dataclass(slots=True)
@@ -117,9 +123,9 @@ def drop_state(owed: int, status: TxStatus, group_sent: bool = False) -> str:
 def decide_drop(snap: DropSnapshot) -> DropDecision:
     """The session rules (docs/session-rules.md): the client sees nothing, an honest error, or a
     FATAL; a client message the drop cut in two is sent again whole or answered and discarded."""
-    decision = DropDecision(state=drop_state(snap.owed, snap.status, snap.group_sent))
+    decision = DropDecision(state=drop_state(snap.owed, snap.status, snap.stream.group_sent))
     reason = snap.reason
-    if snap.server_split:
+    if snap.stream.server_split:
         # Anything we wrote now would be read as the rest of that message.
         decision.close_silently = True
         decision.impact = "client closed: the drop split a server message the client had partly received"
@@ -139,10 +145,10 @@ def decide_drop(snap: DropSnapshot) -> DropDecision:
         )
         return decision
     if decision.state == "idle":
-        if not snap.client_mid:
+        if not snap.stream.client_mid:
             return decision
-        if snap.partial_kept is not None:
-            decision.rewind = snap.partial_kept
+        if snap.stream.partial_kept is not None:
+            decision.rewind = snap.stream.partial_kept
             decision.impact = "transparent (a request cut by the drop was sent again whole: it had not reached the server)"
             return decision
         return _abort_partial(decision, snap, error_bytes("ERROR", sqlstate.CONNECTION_FAILURE, NOT_SENT_WHOLE),
@@ -174,21 +180,21 @@ def decide_drop(snap: DropSnapshot) -> DropDecision:
         decision.responder = LocalAbortResponder(owe_error=True, first_error=lost_error)
     code = reason.code if reason is not None else sqlstate.CONNECTION_FAILURE
     decision.impact = f"error {code} sent to client (transaction rolled back)"
-    if snap.client_mid:
-        if snap.partial_kept is not None:
-            decision.rewind = snap.partial_kept  # the responder reads it from its start
+    if snap.stream.client_mid:
+        if snap.stream.partial_kept is not None:
+            decision.rewind = snap.stream.partial_kept  # the responder reads it from its start
         else:
-            assert snap.partial_type is not None and snap.partial_remaining is not None
-            decision.to_client += decision.responder.begin_partial(snap.partial_type, snap.partial_remaining)
+            assert snap.stream.partial_type is not None and snap.stream.partial_remaining is not None
+            decision.to_client += decision.responder.begin_partial(snap.stream.partial_type, snap.stream.partial_remaining)
     return decision
 
 
 def _abort_rest_of_group(decision: DropDecision, snap: DropSnapshot, reason: ServerReason | None) -> DropDecision:
     """After the owed replies: the group in progress (if any) gets its own error, as the server
     would give it; 08007 when part of it reached the old server, else it was never executed."""
-    if not snap.client_mid and not snap.group_sent:
+    if not snap.stream.client_mid and not snap.stream.group_sent:
         return decision
-    if snap.group_sent:
+    if snap.stream.group_sent:
         error = _in_flight_error(reason)
     else:
         error = error_bytes("ERROR", sqlstate.CONNECTION_FAILURE, NOT_SENT_WHOLE)
@@ -196,15 +202,15 @@ def _abort_rest_of_group(decision: DropDecision, snap: DropSnapshot, reason: Ser
 
 
 def _abort_partial(decision: DropDecision, snap: DropSnapshot, error: bytes, impact: str) -> DropDecision:
-    responder = GroupAbort(error, group_open=snap.group_sent)
-    if snap.group_sent:
+    responder = GroupAbort(error, group_open=snap.stream.group_sent)
+    if snap.stream.group_sent:
         decision.to_client += responder.error_now()  # a client waiting after Flush hears it at once
-    if snap.client_mid:
-        if snap.partial_kept is not None:
-            decision.rewind = snap.partial_kept
+    if snap.stream.client_mid:
+        if snap.stream.partial_kept is not None:
+            decision.rewind = snap.stream.partial_kept
         else:
-            assert snap.partial_type is not None and snap.partial_remaining is not None
-            decision.to_client += responder.begin_partial(snap.partial_type, snap.partial_remaining)
+            assert snap.stream.partial_type is not None and snap.stream.partial_remaining is not None
+            decision.to_client += responder.begin_partial(snap.stream.partial_type, snap.stream.partial_remaining)
     if not responder.done:
         decision.responder = responder
     decision.impact = impact

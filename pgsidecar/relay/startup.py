@@ -1,96 +1,131 @@
 """The session's first phase, sans-IO: startup packets and the client's side of authentication.
 
 PostgreSQL docs 55.2.1 "Start-up": SSLRequest and GSSENCRequest come first, then the
-StartupMessage or a CancelRequest. Kept apart from connection.py, which holds the rest of the
-session; this mixin reads and sets the same attributes.
+StartupMessage or a CancelRequest. Startup parameters are carried byte for byte (non-UTF-8 bytes
+as surrogate escapes, see wire/payload.py) and shown escaped in logs and records.
 """
 
 from __future__ import annotations
 
 from pgsidecar.auth.scram import ScramServer
 from pgsidecar.relay import commands as cmd
+from pgsidecar.relay import events as ev
+from pgsidecar.relay.commands import LogLevel, TimerName
+from pgsidecar.relay.context import SessionContext
+from pgsidecar.relay.login import Login
 from pgsidecar.relay.phases import Phase
 from pgsidecar.wire import backend as be
 from pgsidecar.wire import frontend as fe
 from pgsidecar.wire import sqlstate
 from pgsidecar.wire.errors import ClientProtocolError
-from pgsidecar.wire.frames import FrameScanner
+from pgsidecar.wire.frames import FrameScanner, StartupReader
 
-class StartupMixin:
-    """Startup and client authentication for SidecarConnection."""
 
-    def _startup_data(self, data: bytes) -> list[object]:
-        self.startup.feed(data)
-        out: list[object] = []
-        while self.phase is Phase.STARTUP:
-            payload = self.startup.next_packet()
+class ClientStartup:
+    """The client's startup packets and, in configured auth, its SCRAM or password exchange."""
+
+    def __init__(self, ctx: SessionContext, login: Login) -> None:
+        self.ctx = ctx
+        self.login = login
+        self.reader = StartupReader()
+        self.scram: ScramServer | None = None
+        self.password_scan = FrameScanner(b"p", 100_000, client=True)  # SASL or password messages
+
+    def connected(self, event: ev.ClientConnected) -> list[cmd.Command]:
+        ctx = self.ctx
+        ctx.peer, ctx.trusted_transport = event.peer, event.trusted_transport
+        ctx.last_client_at = event.now
+        if event.refusal is not None:
+            # The listener is full or shutting down: PostgreSQL's own words for both.
+            code, text = event.refusal
+            return ctx.fatal_to_client(code, text) + [cmd.Log(LogLevel.WARNING, f"refused a client: {text}")]
+        return [cmd.SetTimer(TimerName.STARTUP, ctx.policy.startup_timeout_s)]
+
+    def tls_started(self, event: ev.ClientTLSStarted) -> list[cmd.Command]:
+        self.ctx.client_tls = True
+        return []
+
+    def timeout(self) -> list[cmd.Command]:
+        ctx = self.ctx
+        ctx.goto(Phase.CLOSED)
+        return [cmd.Log(LogLevel.INFO, f"client {ctx.peer} did not finish startup in time"),
+                cmd.CloseClient(), cmd.CloseServer()]
+
+    def data(self, data: bytes) -> list[cmd.Command]:
+        ctx = self.ctx
+        self.reader.feed(data)
+        out: list[cmd.Command] = []
+        while ctx.phase is Phase.STARTUP:
+            payload = self.reader.next_packet()
             if payload is None:
                 break
             msg = fe.decode_startup_packet(payload)
             if isinstance(msg, fe.SSLRequest):
-                if self.client_tls or self.startup.rest():
+                if ctx.client_tls or self.reader.rest():
                     raise ClientProtocolError("SSLRequest after TLS, or with data pipelined after it")
-                out.append(cmd.StartClientTLS() if self.policy.client_tls else cmd.SendToClient(b"N"))
+                out.append(cmd.StartClientTLS() if ctx.policy.client_tls else cmd.SendToClient(b"N"))
             elif isinstance(msg, fe.GSSENCRequest):
                 out.append(cmd.SendToClient(b"N"))
             elif isinstance(msg, fe.CancelRequest):
-                self._goto(Phase.CLOSED)
+                ctx.goto(Phase.CLOSED)
                 out += [cmd.ForwardCancel(msg.pid, msg.secret), cmd.CloseClient()]
             else:
                 out += self._startup_message(msg)
         return out
 
-    def _startup_message(self, msg: fe.StartupMessage) -> list[object]:
+    def _startup_message(self, msg: fe.StartupMessage) -> list[cmd.Command]:
+        ctx = self.ctx
+        policy = ctx.policy
         if msg.protocol >> 16 != 3:
             raise ClientProtocolError(
                 f"unsupported frontend protocol {msg.protocol >> 16}.{msg.protocol & 0xFFFF}: "
                 "server supports 3.0 to 3.0"
             )
-        out: list[object] = []
+        out: list[cmd.Command] = []
         unknown = tuple(k for k in msg.params if k.startswith("_pq_."))
         if msg.protocol != fe.PROTOCOL_3_0 or unknown:
             out.append(cmd.SendToClient(be.NegotiateProtocolVersion(fe.PROTOCOL_3_0, unknown).encode()))
         params = {k: v for k, v in msg.params.items() if not k.startswith("_pq_.")}
         if not params.get("user"):
-            return out + self._fatal_to_client(
+            return out + ctx.fatal_to_client(
                 sqlstate.INVALID_AUTHORIZATION_SPECIFICATION, "no PostgreSQL user name specified in startup packet"
             )
         refusal = self._transport_refusal()
         if refusal:
-            return out + self._fatal_to_client(
-                sqlstate.INVALID_AUTHORIZATION_SPECIFICATION, refusal, log=f"refused {self.peer}: {refusal}"
+            return out + ctx.fatal_to_client(
+                sqlstate.INVALID_AUTHORIZATION_SPECIFICATION, refusal, log=f"refused {ctx.peer}: {refusal}"
             )
         params.setdefault("database", params["user"])
-        if self.policy.upstream_user is not None:
-            params["user"] = self.policy.upstream_user
-        if self.policy.upstream_dbname:
-            params["database"] = self.policy.upstream_dbname
-        if self.policy.application_name and "application_name" not in params:
-            params["application_name"] = self.policy.application_name
-        self.params = params
-        self._goto(Phase.AUTHENTICATING)
-        if self.policy.upstream_user is not None and self.policy.client_auth == "scram":
+        if policy.upstream_user is not None:
+            params["user"] = policy.upstream_user
+        if policy.upstream_dbname:
+            params["database"] = policy.upstream_dbname
+        if policy.application_name and "application_name" not in params:
+            params["application_name"] = policy.application_name
+        ctx.params = params
+        ctx.goto(Phase.AUTHENTICATING)
+        if policy.upstream_user is not None and policy.client_auth == "scram":
             # 55.3 SASL Authentication, with pgsidecar as the server for the local hop.
-            self.client_scram = ScramServer(self.policy.client_password or "")
-            self.client_scan = FrameScanner(b"p", 100_000, client=True)
+            self.scram = ScramServer(policy.client_password or "")
             return out + [cmd.SendToClient(be.AuthenticationSASL(("SCRAM-SHA-256",)).encode())]
-        return out + [cmd.CancelTimer("startup"), cmd.OpenServer()]
+        return out + [cmd.CancelTimer(TimerName.STARTUP), cmd.OpenServer()]
 
     def _transport_refusal(self) -> str | None:
         """Passwords cross only loopback, unix sockets or TLS; configured trust is loopback only."""
-        if self.policy.upstream_user is None:
-            if self.trusted_transport or self.client_tls:
+        ctx = self.ctx
+        if ctx.policy.upstream_user is None:
+            if ctx.trusted_transport or ctx.client_tls:
                 return None
             return "pgsidecar accepts passwords only over loopback, a unix socket or TLS; connect with sslmode=require"
-        if self.policy.client_auth == "trust" and not self.trusted_transport:
+        if ctx.policy.client_auth == "trust" and not ctx.trusted_transport:
             return "pgsidecar trusts only loopback and unix socket clients (auth.client_auth: trust)"
         return None
 
-    def _client_scram_data(self, data: bytes) -> list[object]:
-        assert self.client_scram is not None
-        out: list[object] = []
-        for t, payload in self.client_scan.feed(data):
-            scram = self.client_scram
+    def _client_scram_data(self, data: bytes) -> list[cmd.Command]:
+        assert self.scram is not None
+        out: list[cmd.Command] = []
+        for _t, payload in self.password_scan.feed(data):
+            scram = self.scram
             try:
                 if not scram.started:
                     first = fe.SASLInitialResponse.decode(payload)
@@ -102,30 +137,27 @@ class StartupMixin:
                 final = scram.handle_final(fe.SASLResponse.decode(payload).data)
             except ClientProtocolError as exc:
                 if exc.sqlstate == sqlstate.INVALID_PASSWORD:
-                    user = self.params.get("user", "")
-                    return out + self._fatal_to_client(
+                    user = self.ctx.params.get("user", "")
+                    return out + self.ctx.fatal_to_client(
                         sqlstate.INVALID_PASSWORD, f'password authentication failed for user "{user}"',
                         log="local SCRAM authentication failed")
                 raise
-            self.client_scram = None
+            self.scram = None
             return out + [cmd.SendToClient(be.AuthenticationSASLFinal(final).encode()),
-                          cmd.CancelTimer("startup"), cmd.OpenServer()]
+                          cmd.CancelTimer(TimerName.STARTUP), cmd.OpenServer()]
         return out
 
-    def _password_data(self, data: bytes) -> list[object]:
+    def password(self, data: bytes) -> list[cmd.Command]:
         """The client answers the AuthenticationCleartextPassword we sent on the server's behalf."""
-        if self.client_scram is not None:
+        if self.scram is not None:
             return self._client_scram_data(data)
-        before = self.client_scan.messages
-        frames = self.client_scan.feed(data)
-        if self.login is None or not self.login_waiting:
+        before = self.password_scan.messages
+        frames = self.password_scan.feed(data)
+        if not self.login.waiting:
             raise ClientProtocolError("unexpected message before authentication completed")
         for _t, payload in frames:
-            password = payload.rstrip(b"\x00").decode("utf-8", "replace")
-            self.password = password
-            self.login_waiting = False
-            return [cmd.CancelTimer("startup"), cmd.SendToServer(self.login.provide_password(password))]
-        if self.client_scan.messages != before:
+            return self.login.provide_password(payload.rstrip(b"\x00").decode("utf-8", "replace"))
+        if self.password_scan.messages != before:
             # 55.2.1: only a password response is valid here.
             raise ClientProtocolError("expected a password response message")
         return []  # the password message is split across reads: wait for the rest

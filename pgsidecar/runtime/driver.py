@@ -19,9 +19,7 @@ from pgsidecar.relay import commands as cmd
 from pgsidecar.relay import events as ev
 from pgsidecar.relay.connection import SidecarConnection
 from pgsidecar.runtime.upstream import UpstreamError, open_upstream, tcp_info
-from pgsidecar.wire import backend as be
-from pgsidecar.wire.errors import ProtocolError
-from pgsidecar.wire.frames import MessageBuffer
+from pgsidecar.wire.ending import SocketEnd
 
 if TYPE_CHECKING:
     from pgsidecar.runtime.listener import Sidecar
@@ -29,29 +27,29 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgsidecar.session")
 
 _ERRNO_KIND = {
-    errno.ECONNRESET: "reset",
-    errno.EPIPE: "reset",
-    errno.ETIMEDOUT: "timeout",
-    errno.EHOSTUNREACH: "unreachable",
-    errno.ENETUNREACH: "unreachable",
+    errno.ECONNRESET: SocketEnd.RESET,
+    errno.EPIPE: SocketEnd.RESET,
+    errno.ETIMEDOUT: SocketEnd.TIMEOUT,
+    errno.EHOSTUNREACH: SocketEnd.UNREACHABLE,
+    errno.ENETUNREACH: SocketEnd.UNREACHABLE,
 }
 
 
-def classify_exception(exc: BaseException | None, saw_eof: bool, tls: bool) -> tuple[str, str | None, bool | None]:
-    """(kind, errno name, TLS close_notify seen: None without TLS) for the way a socket ended."""
+def classify_exception(exc: BaseException | None, saw_eof: bool, tls: bool) -> tuple[SocketEnd, str | None, bool | None]:
+    """(how it ended, errno name, TLS close_notify seen: None without TLS) for a socket's end."""
     if exc is None:
         # Under TLS, asyncio reports close_notify as eof_received; a bare TCP FIN is not.
-        return "eof", None, saw_eof if tls else None
+        return SocketEnd.EOF, None, saw_eof if tls else None
     if isinstance(exc, ssl.SSLError):
-        return "tls_error", getattr(exc, "reason", None) or type(exc).__name__, False
+        return SocketEnd.TLS_ERROR, getattr(exc, "reason", None) or type(exc).__name__, False
     code = getattr(exc, "errno", None)
     if code in _ERRNO_KIND:
         return _ERRNO_KIND[code], errno.errorcode.get(code), False
     if isinstance(exc, ConnectionResetError):
-        return "reset", "ECONNRESET", False
+        return SocketEnd.RESET, "ECONNRESET", False
     if isinstance(exc, TimeoutError):
-        return "timeout", "ETIMEDOUT", False
-    return "other", errno.errorcode.get(code) if code else type(exc).__name__, False
+        return SocketEnd.TIMEOUT, "ETIMEDOUT", False
+    return SocketEnd.OTHER, errno.errorcode.get(code) if code else type(exc).__name__, False
 
 
 class ServerSide(asyncio.Protocol):
@@ -110,9 +108,9 @@ class ClientDriver(asyncio.Protocol):
         self.client: asyncio.Transport | None = None
         self.server: ServerSide | None = None
         self.connecting: asyncio.Task | None = None
-        self.timers: dict[str, asyncio.TimerHandle] = {}
+        self.timers: dict[cmd.TimerName, asyncio.TimerHandle] = {}
         self.paused_by: set[str] = set()
-        self.registered = False
+        self.cancel_key: tuple[int, bytes] | None = None  # registered with the sidecar, by the brain's command
         self.closed = False
         self.failed = False  # an internal error ended this session; later events are ignored
 
@@ -126,10 +124,9 @@ class ClientDriver(asyncio.Protocol):
         else:
             peer_text = f"{peer[0]}:{peer[1]}"
             trusted = peer[0].startswith("127.") or peer[0] in ("::1", "::ffff:127.0.0.1")
-        if not self.sidecar.admit(self):
-            return
+        refusal = self.sidecar.admit(self)
         log.debug("client connected: %s", peer_text)
-        self.feed(ev.ClientConnected(time.monotonic(), time.time(), peer_text, trusted))
+        self.feed(ev.ClientConnected(time.monotonic(), time.time(), peer_text, trusted, refusal))
 
     def data_received(self, data: bytes) -> None:
         self.sidecar.tally.client_to_server += len(data)
@@ -140,7 +137,7 @@ class ClientDriver(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         try:
-            log.debug("client disconnected: %s", self.brain.peer or "?")
+            log.debug("client disconnected: %s", self.brain.ctx.peer or "?")
             if not self.closed:
                 self.feed(ev.ClientClosed(time.monotonic(), str(exc) if exc else None))
         finally:
@@ -188,14 +185,9 @@ class ClientDriver(asyncio.Protocol):
         if self.failed:
             return
         try:
-            commands = self.brain.handle(event)
-            # Relayed server data is the server's; once logged in, a batch that closes the client
-            # carries pgsidecar's own verdict (give up, lost state) even when a server reply caused it.
-            own = type(event) is not ev.ServerData or (
-                self.registered and cmd.CloseClient in map(type, commands))
-            self.run(commands, own)
+            self.run(self.brain.handle(event))
         except Exception:
-            self.fail(f"internal error in session {self.brain.peer or '?'} on {type(event).__name__}; closing it")
+            self.fail(f"internal error in session {self.brain.ctx.peer or '?'} on {type(event).__name__}; closing it")
 
     def fail(self, message: str) -> None:
         """End this session after an internal error, once: log, close both sockets, free the slot."""
@@ -210,9 +202,8 @@ class ClientDriver(asyncio.Protocol):
         finally:
             self._teardown()
 
-    def run(self, commands: list, own: bool = True) -> None:
-        """Carry out commands; `own` says bytes for the client may hold errors pgsidecar made
-        (anything but relayed server data), which are counted by SQLSTATE."""
+    def run(self, commands: list[cmd.Command]) -> None:
+        """Carry out the brain's commands in order; bytes it marked as its own errors are counted."""
         for command in commands:
             kind = type(command)
             if kind is cmd.SendToServer:
@@ -221,30 +212,11 @@ class ClientDriver(asyncio.Protocol):
             elif kind is cmd.SendToClient:
                 if self.client is not None:
                     self.client.write(command.data)
-                if own and self.sidecar.on_client_error is not None:
-                    self._count_errors(command.data)
+                if command.errors and self.sidecar.on_client_error is not None:
+                    for code in command.errors:
+                        self.sidecar.on_client_error(code)
             else:
                 self._other(command)
-        if not self.registered and self.brain.first_backend_pid:
-            self.registered = True
-            self.sidecar.register(self)
-
-    def _count_errors(self, data: bytes) -> None:
-        """Count each ErrorResponse in bytes pgsidecar wrote itself (error paths only, never the
-        relayed hot path). Frames: 1 type byte + Int32 length (PostgreSQL docs 55.7)."""
-        messages = MessageBuffer(len(data), client=False)
-        messages.feed(data)
-        while True:
-            try:
-                message = messages.next()
-            except ProtocolError:
-                return  # not whole messages: nothing of ours to count
-            if message is None:
-                return
-            if message[0] == 0x45:  # 'E' ErrorResponse
-                code = be.ErrorResponse.decode(message[1]).code
-                if code and self.sidecar.on_client_error is not None:
-                    self.sidecar.on_client_error(code)
 
     def _other(self, command: object) -> None:
         if isinstance(command, cmd.OpenServer):
@@ -271,6 +243,11 @@ class ClientDriver(asyncio.Protocol):
             self.sidecar.record_drop(self, command.drop)
         elif isinstance(command, cmd.ForwardCancel):
             self.sidecar.forward_cancel(command.pid, command.secret)
+        elif isinstance(command, cmd.RegisterCancelKey):
+            self.cancel_key = (command.pid, command.secret)
+            self.sidecar.register(self, self.cancel_key)
+        elif isinstance(command, cmd.SendCancel):
+            self.sidecar.send_cancel(command.pid, command.secret)
         elif isinstance(command, cmd.Log):
             getattr(log, command.level)(command.message)
         else:
@@ -278,14 +255,13 @@ class ClientDriver(asyncio.Protocol):
 
     def drain(self) -> None:
         """Shutdown: the brain decides when this session closes (now, or at its next idle point)."""
-        if self.failed:
-            return
-        try:
-            self.run(self.brain.drain())
-        except Exception:
-            self.fail(f"internal error draining session {self.brain.peer or '?'}; closing it")
+        self.feed(ev.Drain(time.monotonic()))
 
-    def _set_timer(self, name: str, delay: float) -> None:
+    def cancel(self) -> None:
+        """A cancel request named this session: the brain knows which backend serves it now."""
+        self.feed(ev.CancelRequested(time.monotonic()))
+
+    def _set_timer(self, name: cmd.TimerName, delay: float) -> None:
         old = self.timers.pop(name, None)
         if old is not None:
             old.cancel()
@@ -329,7 +305,7 @@ class ClientDriver(asyncio.Protocol):
         except asyncio.CancelledError:
             raise
         except Exception:
-            self.fail(f"internal error while connecting upstream for session {self.brain.peer or '?'}; closing it")
+            self.fail(f"internal error while connecting upstream for session {self.brain.ctx.peer or '?'}; closing it")
 
     async def _connect_once(self, use_tls: bool | None, reconnect: bool = False) -> None:
         side = ServerSide(self)

@@ -12,7 +12,6 @@ from pgsidecar.config.model import Config, SslMode
 from pgsidecar.observe.metrics import Tallies
 from pgsidecar.relay import events as ev
 from pgsidecar.relay.connection import SessionPolicy
-from pgsidecar.relay.recovery import error_bytes
 from pgsidecar.runtime.driver import ClientDriver
 from pgsidecar.runtime.gate import ConnectGate
 from pgsidecar.runtime.tls import local_server_context, upstream_context
@@ -112,28 +111,23 @@ class Sidecar:
             os.unlink(self.unix_path)
 
     # ---------------------------------------------------------------- sessions
-    def admit(self, driver: ClientDriver) -> bool:
-        if self.draining or len(self.drivers) >= self.config.listen.max_clients:
-            assert driver.client is not None
-            text = "the sidecar is shutting down" if self.draining else "sorry, too many clients already"
-            code = sqlstate.ADMIN_SHUTDOWN if self.draining else sqlstate.TOO_MANY_CONNECTIONS
-            driver.client.write(error_bytes("FATAL", code, text))
-            driver.client.close()
-            driver.closed = True
-            log.warning("refused a client: %s", text)
-            if self.on_client_error is not None:
-                self.on_client_error(code)
-            return False
+    def admit(self, driver: ClientDriver) -> tuple[str, str] | None:
+        """Take the client, or say why not (SQLSTATE, text): the brain tells the client."""
+        if self.draining:
+            return sqlstate.ADMIN_SHUTDOWN, "the sidecar is shutting down"
+        if len(self.drivers) >= self.config.listen.max_clients:
+            return sqlstate.TOO_MANY_CONNECTIONS, "sorry, too many clients already"
         self.drivers.add(driver)
         self.tally.clients_total += 1
-        return True
+        return None
 
-    def register(self, driver: ClientDriver) -> None:
-        self.by_key[(driver.brain.first_backend_pid, driver.brain.secret)] = driver
+    def register(self, driver: ClientDriver, key: tuple[int, bytes]) -> None:
+        self.by_key[key] = driver
 
     def unregister(self, driver: ClientDriver) -> None:
         self.drivers.discard(driver)
-        self.by_key.pop((driver.brain.first_backend_pid, driver.brain.secret), None)
+        if driver.cancel_key is not None and self.by_key.get(driver.cancel_key) is driver:
+            del self.by_key[driver.cancel_key]
 
     def connected_event(self, facts: UpstreamFacts) -> ev.ServerConnected:
         cert = facts.cert
@@ -160,13 +154,15 @@ class Sidecar:
 
     # ---------------------------------------------------------------- cancel
     def forward_cancel(self, pid: int, secret: bytes) -> None:
+        """A CancelRequest arrived: the session that owns the key says where it goes."""
         driver = self.by_key.get((pid, secret))
         if driver is None:
             log.info("cancel request for an unknown session key ignored")
             return
-        real_pid, real_secret = driver.brain.backend_key
-        if real_pid:
-            asyncio.ensure_future(self._send_cancel(real_pid, real_secret))
+        driver.cancel()
+
+    def send_cancel(self, pid: int, secret: bytes) -> None:
+        asyncio.ensure_future(self._send_cancel(pid, secret))
 
     async def _send_cancel(self, pid: int, secret: bytes) -> None:
         """55.2.8 "Canceling Requests in Progress": a new connection carrying only CancelRequest."""

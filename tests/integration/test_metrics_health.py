@@ -121,11 +121,11 @@ def test_client_errors_count_what_pgsidecar_sent(pg_factory, sidecar_factory):
         for _ in range(50):  # the drop is seen at once, but give the sidecar a moment
             _query(conn, "SELECT 1")
             time.sleep(0.1)
-    assert info.value.pgcode == "08006", info.value
+    assert info.value.pgcode == "57P01", info.value  # the server's own reason, passed on by pgsidecar
     conn.rollback()
     assert len(sc.wait_drops(1, timeout=20)) == 1
     text = scrape(sc)
-    assert metric(text, "pgsidecar_client_errors_total", sqlstate="08006") == 1
+    assert metric(text, "pgsidecar_client_errors_total", sqlstate="57P01") == 1
     assert metric(text, "pgsidecar_transparent_recoveries_total") == 0
     assert metric(text, "pgsidecar_upstream_drops_total", cause="admin_terminate") == 1
     conn.close()

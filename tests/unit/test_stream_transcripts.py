@@ -17,7 +17,7 @@ from pgsidecar.relay.phases import Phase
 from pgsidecar.wire import backend as be
 from pgsidecar.wire import frontend as fe
 from pgsidecar.wire.frames import PREFIX_BYTES, FrameScanner, Prefix
-from tests.unit.test_relay_transcripts import (
+from tests.playbook import (
     LOST_IN_FLIGHT,
     Playbook,
     drop_record,
@@ -189,7 +189,7 @@ def test_resend_after_57p05_keeps_the_client_scanner_in_step() -> None:
     out = reconnect(pb)
     assert to_server(out) == big[:1000]
     assert pb.client(big[1000:]) == [cmd.SendToServer(big[1000:])]
-    assert pb.conn.pending.client_owed == 1
+    assert pb.conn.ctx.pending.client_owed == 1
 
 
 def test_snapshot_is_never_injected_inside_a_client_message() -> None:
@@ -384,4 +384,4 @@ def test_long_statement_counts_as_state_changing() -> None:
     msg = fe.Query("SELECT '" + "q" * 200_000 + "'").encode()
     for i in range(0, len(msg), 65536):
         pb.client(msg[i : i + 65536])
-    assert pb.conn.book.dirty and pb.conn.inflight_commit
+    assert pb.conn.ctx.book.dirty and pb.conn.ctx.inflight_commit

@@ -41,8 +41,7 @@ PARAMS = {"user": "app", "database": "appdb", "application_name": "tx"}
 SERVER_PARAMS = {"server_version": "15.5", "client_encoding": "UTF8", "TimeZone": "UTC"}
 
 LOST_IN_TRANSACTION = "connection to the server was lost; the transaction was rolled back"
-LOST_IN_FLIGHT = ("connection to the server was lost while the request was in flight; "
-                  "whether it was executed is unknown")
+LOST_IN_FLIGHT = "connection to the server was lost while the request was in flight; whether it was executed is unknown"
 
 
 # ---------------------------------------------------------------- the playbook
@@ -75,8 +74,9 @@ class Playbook:
         return self.handle(ev.ServerData(self._tick(), data))
 
     def server_connected(self) -> list[object]:
-        return self.handle(ev.ServerConnected(self._tick(), 1.7e9, "10.0.0.5", False, None,
-                                              facts={"address": "10.0.0.5"}))
+        return self.handle(
+            ev.ServerConnected(self._tick(), 1.7e9, "10.0.0.5", False, None, facts={"address": "10.0.0.5"})
+        )
 
     def server_closed(self, kind: str = "eof") -> list[object]:
         return self.handle(ev.ServerClosed(self._tick(), 1.7e9, kind))
@@ -117,15 +117,21 @@ def hello(pid: int = BACKEND_PID, secret: bytes = BACKEND_SECRET, params: dict |
 
 
 def select_reply(value: bytes = b"1", tag: str = "SELECT 1", status: bytes = b"I") -> bytes:
-    return (be.RowDescription(("x",)).encode() + be.DataRow((value,)).encode()
-            + be.CommandComplete(tag).encode() + z(status))
+    return (
+        be.RowDescription(("x",)).encode()
+        + be.DataRow((value,)).encode()
+        + be.CommandComplete(tag).encode()
+        + z(status)
+    )
 
 
 FACTS_QUERY = fe.Query(FACTS_SQL.decode()).encode()
 FACTS_REPLY = (
     be.RowDescription(("a", "b", "c", "d")).encode()
     + be.DataRow((b"1700000000.5", b"f", b"off", b"10.0.0.5")).encode()
-    + be.CommandComplete("SELECT 1").encode() + z())
+    + be.CommandComplete("SELECT 1").encode()
+    + z()
+)
 
 
 def login(pb: Playbook, *, method: str = "cleartext", answer_facts: bool = True) -> None:
@@ -136,14 +142,22 @@ def login(pb: Playbook, *, method: str = "cleartext", answer_facts: bool = True)
     assert pb.conn.phase is Phase.AUTHENTICATING
     assert pb.server_connected() == [cmd.SendToServer(fe.StartupMessage(dict(PARAMS)).encode())]
     ask = {"cleartext": be.AuthenticationCleartextPassword(), "md5": be.AuthenticationMD5Password(b"salt")}[method]
-    assert pb.server(ask.encode()) == [cmd.SendToClient(be.AuthenticationCleartextPassword().encode()),
-                                       cmd.SetTimer("startup", 10.0)]
+    assert pb.server(ask.encode()) == [
+        cmd.SendToClient(be.AuthenticationCleartextPassword().encode()),
+        cmd.SetTimer("startup", 10.0),
+    ]
     answer = pb.client(fe.PasswordMessage(PASSWORD.encode()).encode())
-    expected = (fe.PasswordMessage(PASSWORD.encode()) if method == "cleartext"
-                else fe.PasswordMessage(md5_password("app", PASSWORD, b"salt")))
+    expected = (
+        fe.PasswordMessage(PASSWORD.encode())
+        if method == "cleartext"
+        else fe.PasswordMessage(md5_password("app", PASSWORD, b"salt"))
+    )
     assert answer == [cmd.CancelTimer("startup"), cmd.SendToServer(expected.encode())]
-    assert pb.server(hello()) == [cmd.RegisterCancelKey(BACKEND_PID, SECRET), cmd.SendToClient(client_hello()),
-                                  cmd.SendToServer(FACTS_QUERY)]
+    assert pb.server(hello()) == [
+        cmd.RegisterCancelKey(BACKEND_PID, SECRET),
+        cmd.SendToClient(client_hello()),
+        cmd.SendToServer(FACTS_QUERY),
+    ]
     assert pb.conn.phase is Phase.RELAYING
     if answer_facts:
         assert pb.server(FACTS_REPLY) == []
@@ -169,7 +183,8 @@ def reconnect(pb: Playbook, *, params: dict | None = None) -> list[object]:
     """A new upstream after a drop: startup, the remembered password, login, replay (facts only)."""
     assert pb.server_connected() == [cmd.SendToServer(fe.StartupMessage(dict(PARAMS)).encode())]
     assert pb.server(be.AuthenticationCleartextPassword().encode()) == [
-        cmd.SendToServer(fe.PasswordMessage(PASSWORD.encode()).encode())]
+        cmd.SendToServer(fe.PasswordMessage(PASSWORD.encode()).encode())
+    ]
     assert pb.server(hello(pid=5555, secret=b"\x99\x88\x77\x66", params=params)) == [cmd.SendToServer(FACTS_QUERY)]
     assert pb.conn.phase is Phase.REPLAYING
     return pb.server(FACTS_REPLY)
@@ -179,5 +194,3 @@ def drop_record(commands: list[object]) -> dict:
     records = [c.drop for c in commands if isinstance(c, cmd.RecordDrop)]
     assert len(records) == 1, commands
     return records[0]
-
-

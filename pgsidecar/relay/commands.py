@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from pgsidecar.wire.frames import MessageBuffer
 
@@ -104,9 +105,9 @@ class CancelTimer:
 
 @dataclass(frozen=True, slots=True)
 class RecordDrop:
-    """One upstream connection ended without the client asking; ``drop`` is a DropInfo."""
+    """One upstream connection ended without the client asking: its facts, to classify and write."""
 
-    drop: object
+    drop: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,16 +72,33 @@ class SidecarConnection:
             ev.ServerClosed: reconnect.server_closed,
         }
         return {
-            Phase.STARTUP: {**always, ev.ClientConnected: startup.connected, ev.ClientTLSStarted: startup.tls_started,
-                            ev.ClientData: lambda e: startup.data(e.data), ev.ServerClosed: lambda e: []},
-            Phase.AUTHENTICATING: {**always, **upstream, ev.ClientData: lambda e: startup.password(e.data),
-                                   ev.ServerData: lambda e: login.server_data(e.data)},
+            Phase.STARTUP: {
+                **always,
+                ev.ClientConnected: startup.connected,
+                ev.ClientTLSStarted: startup.tls_started,
+                ev.ClientData: lambda e: startup.data(e.data),
+                ev.ServerClosed: lambda e: [],
+            },
+            Phase.AUTHENTICATING: {
+                **always,
+                **upstream,
+                ev.ClientData: lambda e: startup.password(e.data),
+                ev.ServerData: lambda e: login.server_data(e.data),
+            },
             Phase.RELAYING: relaying,
             Phase.DRAINING: relaying,
-            Phase.RECONNECTING: {**always, **upstream, ev.ClientData: lambda e: reconnect.client_waiting(e.data),
-                                 ev.ServerData: lambda e: login.server_data(e.data)},
-            Phase.REPLAYING: {**always, **upstream, ev.ClientData: lambda e: reconnect.client_waiting(e.data),
-                              ev.ServerData: lambda e: relay.server_data(e.data)},
+            Phase.RECONNECTING: {
+                **always,
+                **upstream,
+                ev.ClientData: lambda e: reconnect.client_waiting(e.data),
+                ev.ServerData: lambda e: login.server_data(e.data),
+            },
+            Phase.REPLAYING: {
+                **always,
+                **upstream,
+                ev.ClientData: lambda e: reconnect.client_waiting(e.data),
+                ev.ServerData: lambda e: relay.server_data(e.data),
+            },
             # Closed: the runtime may still deliver what was already under way; nothing is done.
             Phase.CLOSED: {kind: lambda e: [] for kind in _EVENT_TYPES},
         }
@@ -134,6 +151,15 @@ class SidecarConnection:
 
 
 _EVENT_TYPES: tuple[type, ...] = (
-    ev.ClientConnected, ev.ClientTLSStarted, ev.ClientData, ev.ClientClosed, ev.ServerConnected,
-    ev.ServerConnectFailed, ev.ServerData, ev.ServerClosed, ev.Timer, ev.Drain, ev.CancelRequested,
+    ev.ClientConnected,
+    ev.ClientTLSStarted,
+    ev.ClientData,
+    ev.ClientClosed,
+    ev.ServerConnected,
+    ev.ServerConnectFailed,
+    ev.ServerData,
+    ev.ServerClosed,
+    ev.Timer,
+    ev.Drain,
+    ev.CancelRequested,
 )

@@ -107,8 +107,11 @@ class SessionContext:
     def fatal_to_client(self, code: str, message: str, *, log: str | None = None) -> list[cmd.Command]:
         """End the session with a FATAL of pgsidecar's own (a client's protocol error, a refusal)."""
         self.goto(Phase.CLOSED)
-        out: list[cmd.Command] = [cmd.SendToClient(error_bytes("FATAL", code, message), own=True),
-                                  cmd.CloseClient(), cmd.CloseServer()]
+        out: list[cmd.Command] = [
+            cmd.SendToClient(error_bytes("FATAL", code, message), own=True),
+            cmd.CloseClient(),
+            cmd.CloseServer(),
+        ]
         if log:
             out.append(cmd.Log(cmd.LogLevel.INFO, f"{self.peer}: {log}"))
         return out

@@ -7,9 +7,20 @@ connection revealed) that ``pgsidecar.drops`` classifies into one record.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from pgsidecar.wire import sqlstate
 from pgsidecar.wire.payload import show
+
+if TYPE_CHECKING:
+    from pgsidecar.relay.context import SessionContext
+    from pgsidecar.relay.events import ServerClosed, ServerConnected
+    from pgsidecar.relay.recovery import DropDecision
+    from pgsidecar.session.state import ServerFacts
+
+#: The facts of one drop as the brain hands them to the runtime (RecordDrop): JSON-shaped, the
+#: keys drops/record.py documents; observe/recorder.py classifies and writes them.
+DropInfo = dict[str, Any]
 
 
 @dataclass(slots=True)
@@ -24,18 +35,22 @@ class DropTracker:
     last_error: str = ""
     impact: str = "transparent"
     resend: tuple[bytes, int] | None = None
-    info: dict = field(default_factory=dict)
+    info: DropInfo = field(default_factory=dict)
     replay_summary: str = ""
-    previous_facts: dict = field(default_factory=dict)
-    reveal: dict = field(default_factory=dict)
+    previous_facts: dict[str, object] = field(default_factory=dict)
+    reveal: dict[str, object] = field(default_factory=dict)
 
-    def connected(self, event) -> None:
+    def connected(self, event: ServerConnected) -> None:
         if self.active:
             new = dict(event.facts)
             old = self.previous_facts
             if old.get("address") and new.get("address") and old["address"] != new["address"]:
                 self.reveal["address_changed"] = True
-            if old.get("cert_fingerprint") and event.cert_fingerprint and old["cert_fingerprint"] != event.cert_fingerprint:
+            if (
+                old.get("cert_fingerprint")
+                and event.cert_fingerprint
+                and old["cert_fingerprint"] != event.cert_fingerprint
+            ):
                 self.reveal["certificate_changed"] = True
 
     def started_at(self, now: float) -> float:
@@ -58,7 +73,7 @@ class DropTracker:
     def attempt(self) -> None:
         self.attempts += 1
 
-    def lost(self, conn, event, decision) -> None:
+    def lost(self, conn: SessionContext, event: ServerClosed, decision: DropDecision) -> None:
         """Open the book on a drop: timing, state and what the socket said."""
         self.active = True
         self.started = event.now
@@ -77,11 +92,16 @@ class DropTracker:
             "age_s": round(event.now - conn.connected_at, 3),
             "idle_s": round(event.now - conn.last_server_at, 3),
             "client_idle_s": round(event.now - conn.last_client_at, 3),
-            "upstream": dict(conn.facts, backend_pid=conn.backend_key[0],
-                             server_version=conn.client_params.get("server_version")),
+            "upstream": dict(
+                conn.facts, backend_pid=conn.backend_key[0], server_version=conn.client_params.get("server_version")
+            ),
             # Startup parameters are relayed byte for byte; records show non-UTF-8 bytes escaped.
-            "client": {"addr": conn.peer, "application_name": show(conn.params.get("application_name")),
-                       "user": show(conn.params.get("user")), "database": show(conn.params.get("database"))},
+            "client": {
+                "addr": conn.peer,
+                "application_name": show(conn.params.get("application_name")),
+                "user": show(conn.params.get("user")),
+                "database": show(conn.params.get("database")),
+            },
             "observed": {
                 "kind": "fatal" if conn.last_fatal is not None else event.kind,
                 "socket": event.kind,
@@ -98,7 +118,7 @@ class DropTracker:
         conn.last_fatal = None
         conn.last_notice = None
 
-    def new_facts(self, before, after) -> None:
+    def new_facts(self, before: ServerFacts | None, after: ServerFacts | None) -> None:
         """Compare the new connection's ServerFacts with those of the one that ended; a flag is
         set only when both sides say, and "_now" means "now, and not before"."""
         self.info["server_facts_after"] = after
@@ -127,8 +147,15 @@ class DropTracker:
     def replayed(self, summary: str) -> None:
         self.replay_summary = summary
 
-    def finish(self, conn, *, impact: str, succeeded: bool | None, now: float | None = None,
-               abandoned: bool = False) -> dict | None:
+    def finish(
+        self,
+        conn: SessionContext,
+        *,
+        impact: str,
+        succeeded: bool | None,
+        now: float | None = None,
+        abandoned: bool = False,
+    ) -> DropInfo | None:
         """Close the book; the record facts go to the runtime, which classifies and writes them."""
         if not self.active:
             return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from pgsidecar.session.state import SessionState, ServerFacts, parse_facts, parse_snapshot
+from pgsidecar.session.state import ServerFacts, SessionState, parse_facts, parse_snapshot
 from pgsidecar.wire import backend as be
 from pgsidecar.wire.errors import ServerProtocolError
 from pgsidecar.wire.frames import MessageBuffer
@@ -24,7 +24,7 @@ _ASYNC_TO_CLIENT = frozenset(b"AN")
 class InternalOutcome:
     purpose: str
     status: int  # the ReadyForQuery status byte
-    rows: list[tuple] = field(default_factory=list)
+    rows: list[tuple[bytes | None, ...]] = field(default_factory=list)
     error: be.ErrorResponse | None = None
 
 
@@ -34,7 +34,7 @@ class InternalReplies:
     def __init__(self, max_len: int = 1073741823) -> None:
         self._messages = MessageBuffer(max_len, client=False)
         self._purposes: deque[str] = deque()
-        self._rows: list[tuple] = []
+        self._rows: list[tuple[bytes | None, ...]] = []
         self._error: be.ErrorResponse | None = None
         self.forward = bytearray()
         self.new_params: dict[str, str] = {}

@@ -71,7 +71,9 @@ class UpstreamLogin:
         self.auth_method: str | None = None
         self._messages = MessageBuffer(max_len, client=False)
         self._scram: ScramClient | None = None
-        self._awaiting: be.AuthenticationCleartextPassword | be.AuthenticationMD5Password | be.AuthenticationSASL | None = None
+        self._awaiting: (
+            be.AuthenticationCleartextPassword | be.AuthenticationMD5Password | be.AuthenticationSASL | None
+        ) = None
         self._result = LoginResult()
         self._authenticated = False
 
@@ -158,15 +160,14 @@ class UpstreamLogin:
             self.auth_method = "md5"
             return fe.PasswordMessage(md5_password(user, password, request.salt)).encode()
         assert isinstance(request, be.AuthenticationSASL)
-        self._scram = ScramClient(
-            user, password, mechanisms=request.mechanisms, channel_binding=self.channel_binding
-        )
+        self._scram = ScramClient(user, password, mechanisms=request.mechanisms, channel_binding=self.channel_binding)
         self.auth_method = self._scram.mechanism
         return fe.SASLInitialResponse(self._scram.mechanism, self._scram.initial_response()).encode()
 
 
-_GIVE_UP_STATES = frozenset({sqlstate.INVALID_PASSWORD, sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
-                             sqlstate.INVALID_CATALOG_NAME})
+_GIVE_UP_STATES = frozenset(
+    {sqlstate.INVALID_PASSWORD, sqlstate.INVALID_AUTHORIZATION_SPECIFICATION, sqlstate.INVALID_CATALOG_NAME}
+)
 
 
 class Login:
@@ -232,7 +233,11 @@ class Login:
     def _refused(self, error: be.ErrorResponse, raw: bytes) -> list[cmd.Command]:
         ctx = self.ctx
         reconnecting = ctx.phase is Phase.RECONNECTING
-        if ctx.policy.allow_tls_retry and not self.tried_tls and error.code == sqlstate.INVALID_AUTHORIZATION_SPECIFICATION:
+        if (
+            ctx.policy.allow_tls_retry
+            and not self.tried_tls
+            and error.code == sqlstate.INVALID_AUTHORIZATION_SPECIFICATION
+        ):
             # libpq's sslmode=allow: plaintext first; if the server refuses it, try again with TLS.
             self.tried_tls = True
             self.exchange = None
@@ -241,12 +246,20 @@ class Login:
             # The server's own startup and auth errors reach the client unchanged.
             ctx.goto(Phase.CLOSED)
             user = show(ctx.params.get("user", ""))
-            return [cmd.SendToClient(raw), cmd.CloseServer(), cmd.CloseClient(),
-                    cmd.Log(cmd.LogLevel.INFO, f"upstream refused login for {user}: {error.code} {error.message}")]
+            return [
+                cmd.SendToClient(raw),
+                cmd.CloseServer(),
+                cmd.CloseClient(),
+                cmd.Log(cmd.LogLevel.INFO, f"upstream refused login for {user}: {error.code} {error.message}"),
+            ]
         ctx.drops.reconnect_error(f"{error.code} {error.message}", error.code)
         self.exchange = None
         if error.code in _GIVE_UP_STATES:
             ctx.goto(Phase.CLOSED)
-            return [cmd.CloseServer(), *self.reconnect.finish_drop(impact=f"fatal {error.code}", succeeded=False),
-                    cmd.SendToClient(raw, own=True), cmd.CloseClient()]
+            return [
+                cmd.CloseServer(),
+                *self.reconnect.finish_drop(impact=f"fatal {error.code}", succeeded=False),
+                cmd.SendToClient(raw, own=True),
+                cmd.CloseClient(),
+            ]
         return [cmd.CloseServer(), *self.reconnect.schedule_retry(ctx.now)]

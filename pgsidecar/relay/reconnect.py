@@ -46,7 +46,9 @@ class Reconnect:
             ctx.goto(Phase.CLOSED)  # the client said Terminate: the server's close is the answer
             return [cmd.CloseClient()]
         if ctx.phase in (Phase.RECONNECTING, Phase.AUTHENTICATING, Phase.REPLAYING):
-            return self.connect_failed(event.now, str(event.kind) + (f" ({event.errno_name})" if event.errno_name else ""))
+            return self.connect_failed(
+                event.now, str(event.kind) + (f" ({event.errno_name})" if event.errno_name else "")
+            )
         if ctx.phase is Phase.DRAINING:
             return self.relay.drain_close()  # shutting down: no reconnect
         return self.upstream_lost(event)
@@ -68,16 +70,30 @@ class Reconnect:
         out: list[cmd.Command] = [cmd.CloseServer()]
         if decision.close_silently:
             ctx.goto(Phase.CLOSED)
-            return out + self.finish_drop(impact=decision.impact, succeeded=None) + [
-                cmd.CloseClient(), cmd.Log(LogLevel.WARNING, f"session {ctx.peer} closed: {decision.impact}")]
+            return (
+                out
+                + self.finish_drop(impact=decision.impact, succeeded=None)
+                + [cmd.CloseClient(), cmd.Log(LogLevel.WARNING, f"session {ctx.peer} closed: {decision.impact}")]
+            )
         if decision.fatal is not None:
             ctx.goto(Phase.CLOSED)
-            impact = decision.impact if decision.client_protocol_violation else (
-                f"fatal {decision.fatal_code} client closed")
-            out += self.finish_drop(impact=impact, succeeded=None) + [
-                cmd.SendToClient(decision.fatal, own=True), cmd.CloseClient()]
+            impact = (
+                decision.impact
+                if decision.client_protocol_violation
+                else (f"fatal {decision.fatal_code} client closed")
+            )
+            out += [
+                *self.finish_drop(impact=impact, succeeded=None),
+                cmd.SendToClient(decision.fatal, own=True),
+                cmd.CloseClient(),
+            ]
             if decision.client_protocol_violation:
-                out.append(cmd.Log(LogLevel.INFO, f"session {ctx.peer} closed: the server ended it over a client protocol violation"))
+                out.append(
+                    cmd.Log(
+                        LogLevel.INFO,
+                        f"session {ctx.peer} closed: the server ended it over a client protocol violation",
+                    )
+                )
             return out
         if decision.to_client:
             out.append(cmd.SendToClient(decision.to_client, own=True))
@@ -94,7 +110,7 @@ class Reconnect:
             else:
                 ctx.held.insert(0, decision.rewind)
                 ctx.held_bytes += len(decision.rewind)
-        return out + [cmd.SetTimer(TimerName.DEADLINE, ctx.policy.reconnect_deadline_s), cmd.OpenServer(reconnect=True)]
+        return [*out, cmd.SetTimer(TimerName.DEADLINE, ctx.policy.reconnect_deadline_s), cmd.OpenServer(reconnect=True)]
 
     def _snapshot(self) -> DropSnapshot:
         """What the session rules look at, taken now."""
@@ -152,7 +168,9 @@ class Reconnect:
         ctx = self.ctx
         started = ctx.drops.started_at(now)
         if now - started >= ctx.policy.reconnect_deadline_s:
-            return self.give_up(f"could not reconnect within {ctx.policy.reconnect_deadline_s:g} s: {ctx.drops.last_error}")
+            return self.give_up(
+                f"could not reconnect within {ctx.policy.reconnect_deadline_s:g} s: {ctx.drops.last_error}"
+            )
         attempt = ctx.drops.attempts
         cap = min(ctx.policy.backoff_max_s, ctx.policy.backoff_initial_s * (2 ** max(0, attempt - 1)))
         delay = ctx.rng.uniform(0, cap)  # full jitter: many sessions do not stampede
@@ -181,7 +199,9 @@ class Reconnect:
             ctx.drops.attempt()
             return [cmd.OpenServer(reconnect=ctx.phase is Phase.RECONNECTING)]
         if event.name == TimerName.DEADLINE and ctx.phase in (Phase.RECONNECTING, Phase.REPLAYING):
-            return self.give_up(f"could not reconnect within {ctx.policy.reconnect_deadline_s:g} s: {ctx.drops.last_error}")
+            return self.give_up(
+                f"could not reconnect within {ctx.policy.reconnect_deadline_s:g} s: {ctx.drops.last_error}"
+            )
         return []  # a timer that fired after its phase ended
 
     # ------------------------------------------------------------------ replay
@@ -221,13 +241,20 @@ class Reconnect:
         out: list[cmd.Command] = [cmd.CloseServer()]
         if ctx.drops.active:
             out += self.finish_drop(impact=f"fatal {sqlstate.CONNECTION_FAILURE} client closed", succeeded=False)
-        code = (sqlstate.CONNECTION_FAILURE if was is not Phase.AUTHENTICATING
-                else sqlstate.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION)
+        code = (
+            sqlstate.CONNECTION_FAILURE
+            if was is not Phase.AUTHENTICATING
+            else sqlstate.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION
+        )
         # Requests held for the lost upstream get an ordinary error first: many drivers (libpq
         # via psycopg2) show the text of an ERROR but not of a FATAL that closes the socket.
         answers = self._held_sync_points() * (error_bytes("ERROR", code, f"pgsidecar: {reason}") + ready_bytes(b"I"))
-        return out + [cmd.SendToClient(answers + error_bytes("FATAL", code, f"pgsidecar: {reason}"), own=True),
-                      cmd.CloseClient(), cmd.Log(LogLevel.WARNING, f"session {ctx.peer} closed: {reason}")]
+        return [
+            *out,
+            cmd.SendToClient(answers + error_bytes("FATAL", code, f"pgsidecar: {reason}"), own=True),
+            cmd.CloseClient(),
+            cmd.Log(LogLevel.WARNING, f"session {ctx.peer} closed: {reason}"),
+        ]
 
     def _held_sync_points(self) -> int:
         scan = FrameScanner(b"QSF", self.ctx.policy.max_message_bytes, client=True)
@@ -247,7 +274,7 @@ class Reconnect:
         if ctx.drops.active:
             out += self.finish_drop(impact="client left during reconnect", succeeded=False, abandoned=True)
         ctx.goto(Phase.CLOSED)
-        return out + [cmd.CloseServer(abort=len(ctx.pending) > 0)]
+        return [*out, cmd.CloseServer(abort=len(ctx.pending) > 0)]
 
     def answer_locally(self, data: bytes) -> list[cmd.Command]:
         """The client is inside a transaction (or request group) the drop cut off: answer it here

@@ -16,13 +16,9 @@ from pgsidecar.session.state import is_transaction_end
 from pgsidecar.wire import backend as be
 from pgsidecar.wire import sqlstate
 from pgsidecar.wire.errors import ClientProtocolError
-from pgsidecar.wire.payload import typed_message
 
 LOST_IN_TRANSACTION = "connection to the server was lost; the transaction was rolled back"
-LOST_IN_FLIGHT = (
-    "connection to the server was lost while the request was in flight; "
-    "whether it was executed is unknown"
-)
+LOST_IN_FLIGHT = "connection to the server was lost while the request was in flight; whether it was executed is unknown"
 IN_FAILED_TRANSACTION = "current transaction is aborted, commands ignored until end of transaction block"
 _ROLLBACK_ONLY = re.compile(rb"(?i)^\s*(?:rollback|abort)\b")
 
@@ -35,9 +31,7 @@ def ready_bytes(status: bytes) -> bytes:
     return be.ReadyForQuery(status).encode()
 
 
-NOT_SENT_WHOLE = (
-    "connection to the server was lost before this request reached it whole; it was not executed"
-)
+NOT_SENT_WHOLE = "connection to the server was lost before this request reached it whole; it was not executed"
 KEPT_HINT = (
     "pgsidecar kept the connection: the transaction was rolled back, and after ROLLBACK "
     "the next transaction runs on a new server connection"
@@ -139,8 +133,10 @@ def decide_drop(snap: DropSnapshot) -> DropDecision:
         return decision
     if snap.lost:
         decision.fatal = error_bytes(
-            "FATAL", sqlstate.CONNECTION_FAILURE,
-            "connection to the server was lost and the session held " + ", ".join(snap.lost)
+            "FATAL",
+            sqlstate.CONNECTION_FAILURE,
+            "connection to the server was lost and the session held "
+            + ", ".join(snap.lost)
             + ", which cannot be restored on a new connection",
         )
         return decision
@@ -149,10 +145,16 @@ def decide_drop(snap: DropSnapshot) -> DropDecision:
             return decision
         if snap.stream.partial_kept is not None:
             decision.rewind = snap.stream.partial_kept
-            decision.impact = "transparent (a request cut by the drop was sent again whole: it had not reached the server)"
+            decision.impact = (
+                "transparent (a request cut by the drop was sent again whole: it had not reached the server)"
+            )
             return decision
-        return _abort_partial(decision, snap, error_bytes("ERROR", sqlstate.CONNECTION_FAILURE, NOT_SENT_WHOLE),
-                              f"error {sqlstate.CONNECTION_FAILURE} sent to client (a request the drop cut was not executed)")
+        return _abort_partial(
+            decision,
+            snap,
+            error_bytes("ERROR", sqlstate.CONNECTION_FAILURE, NOT_SENT_WHOLE),
+            f"error {sqlstate.CONNECTION_FAILURE} sent to client (a request the drop cut was not executed)",
+        )
     if snap.on_transaction_loss == "close":
         decision.fatal = _close_fatal(decision.state, reason)
         if reason is not None:
@@ -185,7 +187,9 @@ def decide_drop(snap: DropSnapshot) -> DropDecision:
             decision.rewind = snap.stream.partial_kept  # the responder reads it from its start
         else:
             assert snap.stream.partial_type is not None and snap.stream.partial_remaining is not None
-            decision.to_client += decision.responder.begin_partial(snap.stream.partial_type, snap.stream.partial_remaining)
+            decision.to_client += decision.responder.begin_partial(
+                snap.stream.partial_type, snap.stream.partial_remaining
+            )
     return decision
 
 

@@ -28,10 +28,21 @@ if TYPE_CHECKING:
     from pgsidecar.relay.login import LoginResult
     from pgsidecar.relay.reconnect import Reconnect
 
-_Q, _P, _SYNC, _CLOSE, _TERMINATE, _FCALL = (fe.Query.TYPE[0], fe.Parse.TYPE[0], fe.Sync.TYPE[0],
-                                             fe.Close.TYPE[0], fe.Terminate.TYPE[0], b"F"[0])
-_Z, _E, _N, _CC, _PS = (be.ReadyForQuery.TYPE[0], be.ErrorResponse.TYPE[0], be.NoticeResponse.TYPE[0],
-                        be.CommandComplete.TYPE[0], be.ParameterStatus.TYPE[0])
+_Q, _P, _SYNC, _CLOSE, _TERMINATE, _FCALL = (
+    fe.Query.TYPE[0],
+    fe.Parse.TYPE[0],
+    fe.Sync.TYPE[0],
+    fe.Close.TYPE[0],
+    fe.Terminate.TYPE[0],
+    b"F"[0],
+)
+_Z, _E, _N, _CC, _PS = (
+    be.ReadyForQuery.TYPE[0],
+    be.ErrorResponse.TYPE[0],
+    be.NoticeResponse.TYPE[0],
+    be.CommandComplete.TYPE[0],
+    be.ParameterStatus.TYPE[0],
+)
 _CLIENT_WANTED = bytes((_Q, _P, _SYNC, _CLOSE, _TERMINATE, _FCALL))
 _SERVER_WANTED = bytes((_Z, _E, _CC, _PS, _N))
 # postgres.c SocketBackend: every message type a frontend may send after startup; anything else
@@ -57,8 +68,15 @@ class Relaying:
 
     def _client_scanner(self) -> FrameScanner:
         limit = self.ctx.policy.max_message_bytes
-        return FrameScanner(_CLIENT_WANTED, limit, client=True, allowed=_FRONTEND_TYPES,
-                            limits=frontend_limits(limit), marks=_SYNC_POINTS, whole_named_parse=True)
+        return FrameScanner(
+            _CLIENT_WANTED,
+            limit,
+            client=True,
+            allowed=_FRONTEND_TYPES,
+            limits=frontend_limits(limit),
+            marks=_SYNC_POINTS,
+            whole_named_parse=True,
+        )
 
     def _server_scanner(self) -> FrameScanner:
         return FrameScanner(_SERVER_WANTED, self.ctx.policy.max_message_bytes, client=False)
@@ -85,8 +103,11 @@ class Relaying:
         ctx.internal.begin(new_params=None)
         ctx.internal.expect(("first_facts",))
         ctx.pending.expect(Owner.INTERNAL)
-        out: list[cmd.Command] = [cmd.RegisterCancelKey(result.backend_pid, ctx.secret),
-                                  cmd.SendToClient(bytes(hello)), cmd.SendToServer(fe.Query(FACTS_SQL.decode()).encode())]
+        out: list[cmd.Command] = [
+            cmd.RegisterCancelKey(result.backend_pid, ctx.secret),
+            cmd.SendToClient(bytes(hello)),
+            cmd.SendToServer(fe.Query(FACTS_SQL.decode()).encode()),
+        ]
         if result.leftover:
             out += self.internal_data(result.leftover)
         return out
@@ -120,7 +141,7 @@ class Relaying:
         if not scan.at_boundary:
             self._keep_partial(data)
         for t, payload in frames:
-            if t == _SYNC or t == _FCALL:
+            if t in (_SYNC, _FCALL):
                 ctx.pending.expect(Owner.CLIENT)
             elif t == _Q:
                 ctx.pending.expect(Owner.CLIENT)
@@ -192,8 +213,13 @@ class Relaying:
         """upstream.check_after_idle: after a long idle, prove the path with one round trip first."""
         ctx = self.ctx
         limit = ctx.policy.check_after_idle_s
-        return (bool(limit) and not ctx.pending and ctx.now - ctx.last_server_at > limit
-                and self.at_request_boundary())
+        return (
+            limit is not None
+            and limit > 0
+            and not ctx.pending
+            and ctx.now - ctx.last_server_at > limit
+            and self.at_request_boundary()
+        )
 
     def _check_then_hold(self, data: bytes) -> list[cmd.Command]:
         # An empty Sync earns one ReadyForQuery and runs nothing (55.2.3); if the path is dead the
@@ -247,10 +273,7 @@ class Relaying:
         ctx = self.ctx
         before = ctx.last_server_at
         ctx.last_server_at = ctx.now
-        if ctx.pending.front is Owner.INTERNAL:
-            out = self.internal_data(data)
-        else:
-            out = self.relay_server(data)
+        out = self.internal_data(data) if ctx.pending.front is Owner.INTERNAL else self.relay_server(data)
         if ctx.last_fatal is not None or ctx.last_notice is not None:
             ctx.last_server_at = before  # the server's last words are not activity: idle_s counts to them
         return out
@@ -272,7 +295,7 @@ class Relaying:
             elif t == _CC:
                 if tag_is_dirty(payload):
                     ctx.book.dirty = True
-            elif t == _E or t == _N:
+            elif t in (_E, _N):
                 if self._note_server_error(t, payload):
                     # The server's last words are for pgsidecar, not the client: the session
                     # rules decide what the client is told (nothing, an error, or a FATAL).
@@ -353,11 +376,15 @@ class Relaying:
                 out += self.reconnect.replay_done()
             if rest:
                 out += self.relay_server(rest)
-            if ctx.phase in (Phase.RELAYING, Phase.DRAINING) and ctx.pending.front is not Owner.INTERNAL:
+            if ctx.phase in (Phase.RELAYING, Phase.DRAINING) and not self._internal_owed():
                 out += self.release_held()
             if ctx.phase is Phase.DRAINING and ctx.pending.idle:
                 out += self.drain_close()  # our own query was the last thing owed
         return out
+
+    def _internal_owed(self) -> bool:
+        """A reply to pgsidecar's own query comes next (read again: replies settle it)."""
+        return self.ctx.pending.front is Owner.INTERNAL
 
     def _internal_outcome(self, outcome: InternalOutcome) -> list[cmd.Command]:
         ctx = self.ctx
@@ -408,6 +435,11 @@ class Relaying:
     def drain_close(self) -> list[cmd.Command]:
         """What PostgreSQL sends on a shutdown (57P01 admin_shutdown), then close both sides."""
         self.ctx.goto(Phase.CLOSED)
-        return [cmd.SendToClient(error_bytes("FATAL", sqlstate.ADMIN_SHUTDOWN,
-                                             "terminating connection due to administrator command"), own=True),
-                cmd.CloseClient(), cmd.CloseServer()]
+        return [
+            cmd.SendToClient(
+                error_bytes("FATAL", sqlstate.ADMIN_SHUTDOWN, "terminating connection due to administrator command"),
+                own=True,
+            ),
+            cmd.CloseClient(),
+            cmd.CloseServer(),
+        ]

@@ -38,7 +38,7 @@ class ClientStartup:
         if event.refusal is not None:
             # The listener is full or shutting down: PostgreSQL's own words for both.
             code, text = event.refusal
-            return ctx.fatal_to_client(code, text) + [cmd.Log(LogLevel.WARNING, f"refused a client: {text}")]
+            return [*ctx.fatal_to_client(code, text), cmd.Log(LogLevel.WARNING, f"refused a client: {text}")]
         return [cmd.SetTimer(TimerName.STARTUP, ctx.policy.startup_timeout_s)]
 
     def tls_started(self, event: ev.ClientTLSStarted) -> list[cmd.Command]:
@@ -48,8 +48,11 @@ class ClientStartup:
     def timeout(self) -> list[cmd.Command]:
         ctx = self.ctx
         ctx.goto(Phase.CLOSED)
-        return [cmd.Log(LogLevel.INFO, f"client {ctx.peer} did not finish startup in time"),
-                cmd.CloseClient(), cmd.CloseServer()]
+        return [
+            cmd.Log(LogLevel.INFO, f"client {ctx.peer} did not finish startup in time"),
+            cmd.CloseClient(),
+            cmd.CloseServer(),
+        ]
 
     def data(self, data: bytes) -> list[cmd.Command]:
         ctx = self.ctx
@@ -107,8 +110,8 @@ class ClientStartup:
         if policy.upstream_user is not None and policy.client_auth == "scram":
             # 55.3 SASL Authentication, with pgsidecar as the server for the local hop.
             self.scram = ScramServer(policy.client_password or "")
-            return out + [cmd.SendToClient(be.AuthenticationSASL(("SCRAM-SHA-256",)).encode())]
-        return out + [cmd.CancelTimer(TimerName.STARTUP), cmd.OpenServer()]
+            return [*out, cmd.SendToClient(be.AuthenticationSASL(("SCRAM-SHA-256",)).encode())]
+        return [*out, cmd.CancelTimer(TimerName.STARTUP), cmd.OpenServer()]
 
     def _transport_refusal(self) -> str | None:
         """Passwords cross only loopback, unix sockets or TLS; configured trust is loopback only."""
@@ -139,12 +142,18 @@ class ClientStartup:
                 if exc.sqlstate == sqlstate.INVALID_PASSWORD:
                     user = self.ctx.params.get("user", "")
                     return out + self.ctx.fatal_to_client(
-                        sqlstate.INVALID_PASSWORD, f'password authentication failed for user "{user}"',
-                        log="local SCRAM authentication failed")
+                        sqlstate.INVALID_PASSWORD,
+                        f'password authentication failed for user "{user}"',
+                        log="local SCRAM authentication failed",
+                    )
                 raise
             self.scram = None
-            return out + [cmd.SendToClient(be.AuthenticationSASLFinal(final).encode()),
-                          cmd.CancelTimer(TimerName.STARTUP), cmd.OpenServer()]
+            return [
+                *out,
+                cmd.SendToClient(be.AuthenticationSASLFinal(final).encode()),
+                cmd.CancelTimer(TimerName.STARTUP),
+                cmd.OpenServer(),
+            ]
         return out
 
     def password(self, data: bytes) -> list[cmd.Command]:

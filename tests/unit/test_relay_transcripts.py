@@ -6,32 +6,27 @@ side is built with pgsidecar.wire.backend encoders; a real PostgreSQL would send
 
 from __future__ import annotations
 
-import random
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pgsidecar.auth.md5 import md5_password
 from pgsidecar.auth.scram import ScramServer
 from pgsidecar.relay import commands as cmd
 from pgsidecar.relay import events as ev
-from pgsidecar.relay.connection import SessionPolicy, SidecarConnection
 from pgsidecar.relay.phases import Phase
-from pgsidecar.session.state import FACTS_SQL
 from pgsidecar.wire import backend as be
 from pgsidecar.wire import frontend as fe
-from pgsidecar.wire.frames import FrameScanner
 from tests.playbook import (
+    BACKEND_PID,
     FACTS_QUERY,
     FACTS_REPLY,
     LOST_IN_FLIGHT,
     LOST_IN_TRANSACTION,
     PARAMS,
     PASSWORD,
-    Playbook,
     SECRET,
     SERVER_PARAMS,
+    Playbook,
     client_hello,
     drop_record,
     error,
@@ -44,9 +39,6 @@ from tests.playbook import (
     to_client,
     to_server,
     z,
-    ANY,
-    BACKEND_PID,
-    BACKEND_SECRET,
 )
 
 # ---------------------------------------------------------------- startup
@@ -89,7 +81,9 @@ def test_cancel_request_is_forwarded_and_the_socket_closed() -> None:
     pb = Playbook()
     pb.client_connected()
     assert pb.client(fe.CancelRequest(1234, b"\x01\x02\x03\x04").encode()) == [
-        cmd.ForwardCancel(1234, b"\x01\x02\x03\x04"), cmd.CloseClient()]
+        cmd.ForwardCancel(1234, b"\x01\x02\x03\x04"),
+        cmd.CloseClient(),
+    ]
     assert pb.conn.phase is Phase.CLOSED
 
 
@@ -144,7 +138,7 @@ def test_unsupported_protocol_version(version: tuple[int, int]) -> None:
     pb.client_connected()
     out = pb.client(fe.StartupMessage({"user": "app"}, version[0] << 16 | version[1]).encode())
     assert out[:3] == [out[0], cmd.CloseClient(), cmd.CloseServer()]
-    (kind, payload), = messages(to_client(out))
+    ((kind, payload),) = messages(to_client(out))
     err = be.ErrorResponse.decode(payload)
     assert (kind, err.severity, err.code) == (b"E", "FATAL", "0A000")
     assert f"unsupported frontend protocol {version[0]}.{version[1]}" in err.message
@@ -154,8 +148,11 @@ def test_newer_minor_version_gets_negotiate_protocol_version() -> None:
     pb = Playbook()
     pb.client_connected()
     out = pb.client(fe.StartupMessage({"user": "app", "_pq_.x": "1"}, 3 << 16 | 2).encode())
-    assert out == [cmd.SendToClient(be.NegotiateProtocolVersion(fe.PROTOCOL_3_0, ("_pq_.x",)).encode()),
-                   cmd.CancelTimer("startup"), cmd.OpenServer()]
+    assert out == [
+        cmd.SendToClient(be.NegotiateProtocolVersion(fe.PROTOCOL_3_0, ("_pq_.x",)).encode()),
+        cmd.CancelTimer("startup"),
+        cmd.OpenServer(),
+    ]
 
 
 def test_cleartext_password_refused_off_loopback_without_tls() -> None:
@@ -167,7 +164,9 @@ def test_cleartext_password_refused_off_loopback_without_tls() -> None:
     assert cmd.CloseClient() in out and cmd.OpenServer() not in out
 
 
-@pytest.mark.parametrize("garbage", [b"\x00\x00\x00\x02", b"GET / HTTP/1.1\r\n\r\n", b"\xff\xff\xff\xff\x00\x00\x00\x00"])
+@pytest.mark.parametrize(
+    "garbage", [b"\x00\x00\x00\x02", b"GET / HTTP/1.1\r\n\r\n", b"\xff\xff\xff\xff\x00\x00\x00\x00"]
+)
 def test_bad_startup_length_is_08p01_and_close(garbage: bytes) -> None:
     pb = Playbook()
     pb.client_connected()
@@ -191,21 +190,26 @@ def test_login_with_scram_against_a_real_scram_server() -> None:
     pb.client(fe.StartupMessage(dict(PARAMS)).encode())
     pb.server_connected()
     assert pb.server(be.AuthenticationSASL(("SCRAM-SHA-256",)).encode()) == [
-        cmd.SendToClient(be.AuthenticationCleartextPassword().encode()), cmd.SetTimer("startup", 10.0)]
+        cmd.SendToClient(be.AuthenticationCleartextPassword().encode()),
+        cmd.SetTimer("startup", 10.0),
+    ]
     out = pb.client(fe.PasswordMessage(PASSWORD.encode()).encode())
-    (kind, payload), = messages(to_server(out))
+    ((kind, payload),) = messages(to_server(out))
     initial = fe.SASLInitialResponse.decode(payload)
     assert (kind, initial.mechanism) == (b"p", "SCRAM-SHA-256")
     assert initial.data.startswith(b"n,,n=")  # no TLS here: no channel binding
     server = ScramServer(PASSWORD, iterations=4096)
     server_first = server.handle_first(initial.data)
     out = pb.server(be.AuthenticationSASLContinue(server_first).encode())
-    (kind, payload), = messages(to_server(out))
+    ((kind, payload),) = messages(to_server(out))
     server_final = server.handle_final(fe.SASLResponse.decode(payload).data)  # raises on a wrong proof
     assert server.done
     assert pb.server(be.AuthenticationSASLFinal(server_final).encode()) == []
-    assert pb.server(hello()) == [cmd.RegisterCancelKey(BACKEND_PID, SECRET), cmd.SendToClient(client_hello()),
-                                  cmd.SendToServer(FACTS_QUERY)]
+    assert pb.server(hello()) == [
+        cmd.RegisterCancelKey(BACKEND_PID, SECRET),
+        cmd.SendToClient(client_hello()),
+        cmd.SendToServer(FACTS_QUERY),
+    ]
 
 
 def test_scram_plus_is_chosen_when_the_upstream_has_tls_and_offers_it() -> None:
@@ -217,7 +221,7 @@ def test_scram_plus_is_chosen_when_the_upstream_has_tls_and_offers_it() -> None:
     pb.handle(ev.ServerConnected(pb.now, 1.7e9, "10.0.0.5", True, binding))
     pb.server(be.AuthenticationSASL(("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256")).encode())
     out = pb.client(fe.PasswordMessage(PASSWORD.encode()).encode())
-    (kind, payload), = messages(to_server(out))
+    ((kind, payload),) = messages(to_server(out))
     initial = fe.SASLInitialResponse.decode(payload)
     assert (kind, initial.mechanism) == (b"p", "SCRAM-SHA-256-PLUS")
     assert initial.data.startswith(b"p=tls-server-end-point,,n=")
@@ -233,8 +237,11 @@ def test_hello_split_across_reads() -> None:
     data = hello()
     for i in range(len(data) - 1):
         assert pb.server(data[i : i + 1]) == []
-    assert pb.server(data[-1:]) == [cmd.RegisterCancelKey(BACKEND_PID, SECRET), cmd.SendToClient(client_hello()),
-                                    cmd.SendToServer(FACTS_QUERY)]
+    assert pb.server(data[-1:]) == [
+        cmd.RegisterCancelKey(BACKEND_PID, SECRET),
+        cmd.SendToClient(client_hello()),
+        cmd.SendToServer(FACTS_QUERY),
+    ]
 
 
 def test_login_error_on_first_connect_reaches_the_client_unchanged() -> None:
@@ -244,9 +251,17 @@ def test_login_error_on_first_connect_reaches_the_client_unchanged() -> None:
     pb.server_connected()
     pb.server(be.AuthenticationMD5Password(b"salt").encode())
     pb.client(fe.PasswordMessage(b"wrong").encode())
-    refusal = be.ErrorResponse((("S", "FATAL"), ("V", "FATAL"), ("C", "28P01"),
-                                ("M", 'password authentication failed for user "app"'),
-                                ("F", "auth.c"), ("L", "326"), ("R", "auth_failed"))).encode()
+    refusal = be.ErrorResponse(
+        (
+            ("S", "FATAL"),
+            ("V", "FATAL"),
+            ("C", "28P01"),
+            ("M", 'password authentication failed for user "app"'),
+            ("F", "auth.c"),
+            ("L", "326"),
+            ("R", "auth_failed"),
+        )
+    ).encode()
     out = pb.server(refusal)
     assert out[:3] == [cmd.SendToClient(refusal), cmd.CloseServer(), cmd.CloseClient()]
     assert len(out) == 3 and "28P01" in pb.logs[-1].message
@@ -282,8 +297,13 @@ def test_extended_protocol_relayed_and_sync_points_counted() -> None:
     pb = Playbook()
     login(pb)
     first_query(pb)
-    batch = (fe.Parse("", "SELECT $1").encode() + fe.Describe(b"S", "").encode() + fe.Sync().encode()
-             + fe.Execute("").encode() + fe.Sync().encode())
+    batch = (
+        fe.Parse("", "SELECT $1").encode()
+        + fe.Describe(b"S", "").encode()
+        + fe.Sync().encode()
+        + fe.Execute("").encode()
+        + fe.Sync().encode()
+    )
     assert pb.client(batch) == [cmd.SendToServer(batch)]
     assert len(pb.conn.ctx.pending) == 2
     part1 = be.ParseComplete().encode() + be.NoData().encode() + z()
@@ -422,8 +442,12 @@ def test_drop_inside_a_transaction_with_a_request_in_flight() -> None:
     insert = fe.Query("INSERT INTO t VALUES (1)").encode()
     assert pb.client(insert) == [cmd.SendToServer(insert)]
     out = pb.server_closed("reset")
-    assert out == [cmd.CloseServer(), cmd.SendToClient(error("ERROR", "08006", LOST_IN_TRANSACTION) + z(b"E")),
-                   cmd.SetTimer("deadline", 30.0), cmd.OpenServer(reconnect=True)]
+    assert out == [
+        cmd.CloseServer(),
+        cmd.SendToClient(error("ERROR", "08006", LOST_IN_TRANSACTION) + z(b"E")),
+        cmd.SetTimer("deadline", 30.0),
+        cmd.OpenServer(reconnect=True),
+    ]
     # The client ends its block: answered here, nothing reaches any server.
     rollback = pb.client(fe.Query("ROLLBACK").encode())
     assert rollback == [cmd.SendToClient(be.CommandComplete("ROLLBACK").encode() + z(b"I"))]
@@ -440,9 +464,11 @@ def test_drop_idle_in_transaction_owes_the_error_to_the_next_request() -> None:
     pb.server(be.CommandComplete("BEGIN").encode() + z(b"T"))
     assert pb.server_closed() == [cmd.CloseServer(), cmd.SetTimer("deadline", 30.0), cmd.OpenServer(reconnect=True)]
     assert pb.client(fe.Query("SELECT 1").encode()) == [
-        cmd.SendToClient(error("ERROR", "08006", LOST_IN_TRANSACTION) + z(b"E"))]
+        cmd.SendToClient(error("ERROR", "08006", LOST_IN_TRANSACTION) + z(b"E"))
+    ]
     assert pb.client(fe.Query("ROLLBACK").encode()) == [
-        cmd.SendToClient(be.CommandComplete("ROLLBACK").encode() + z(b"I"))]
+        cmd.SendToClient(be.CommandComplete("ROLLBACK").encode() + z(b"I"))
+    ]
 
 
 def test_drop_with_an_autocommit_request_in_flight_is_08007() -> None:
@@ -452,8 +478,12 @@ def test_drop_with_an_autocommit_request_in_flight_is_08007() -> None:
     update = fe.Query("UPDATE t SET v = v + 1").encode()
     assert pb.client(update) == [cmd.SendToServer(update)]
     out = pb.server_closed("reset")
-    assert out == [cmd.CloseServer(), cmd.SendToClient(error("ERROR", "08007", LOST_IN_FLIGHT) + z(b"I")),
-                   cmd.SetTimer("deadline", 30.0), cmd.OpenServer(reconnect=True)]
+    assert out == [
+        cmd.CloseServer(),
+        cmd.SendToClient(error("ERROR", "08007", LOST_IN_FLIGHT) + z(b"I")),
+        cmd.SetTimer("deadline", 30.0),
+        cmd.OpenServer(reconnect=True),
+    ]
     record = drop_record(reconnect(pb))
     assert record["state"] == "request_in_flight" and "08007" in record["impact"]
 
@@ -516,8 +546,10 @@ def test_non_replayable_state_then_drop_is_fatal_naming_it() -> None:
     snapshot = to_server(out)
     assert b"pg_my_temp_schema" in snapshot  # the exact state is read at the idle point
     row = be.DataRow((b"[]", b"[]", b"app", b"none", b"[]", b"[]", b"[]", b"1", b"0", b"0")).encode()
-    assert pb.server(be.RowDescription(tuple("abcdefghij")).encode() + row
-                     + be.CommandComplete("SELECT 1").encode() + z()) == []
+    assert (
+        pb.server(be.RowDescription(tuple("abcdefghij")).encode() + row + be.CommandComplete("SELECT 1").encode() + z())
+        == []
+    )
     out = pb.server_closed()
     err = be.ErrorResponse.decode(messages(to_client(out))[0][1])
     assert (err.severity, err.code) == ("FATAL", "08006")
@@ -533,8 +565,9 @@ def test_replay_of_settings_after_a_drop() -> None:
     pb.client(fe.Query("SET statement_timeout = '5s'").encode())
     out = pb.server(be.CommandComplete("SET").encode() + z())
     assert b"pg_settings" in to_server(out)
-    row = be.DataRow((b'[["statement_timeout", "5s"]]', b"[]", b"app", b"none", b"[]", b"[]", b"[]",
-                      b"0", b"0", b"0")).encode()
+    row = be.DataRow(
+        (b'[["statement_timeout", "5s"]]', b"[]", b"app", b"none", b"[]", b"[]", b"[]", b"0", b"0", b"0")
+    ).encode()
     pb.server(be.RowDescription(tuple("abcdefghij")).encode() + row + be.CommandComplete("SELECT 1").encode() + z())
     pb.server_closed()
     pb.server_connected()
@@ -543,8 +576,12 @@ def test_replay_of_settings_after_a_drop() -> None:
     (kind, payload), (kind2, _) = messages(to_server(out))
     assert (kind, kind2) == (b"Q", b"Q")
     assert "set_config($pgsc$statement_timeout$pgsc$, $pgsc$5s$pgsc$, false)" in fe.Query.decode(payload).sql
-    replay_reply = be.RowDescription(("set_config",)).encode() + be.DataRow((b"5s",)).encode() + \
-        be.CommandComplete("SELECT 1").encode() + z()
+    replay_reply = (
+        be.RowDescription(("set_config",)).encode()
+        + be.DataRow((b"5s",)).encode()
+        + be.CommandComplete("SELECT 1").encode()
+        + z()
+    )
     assert pb.server(replay_reply) == []
     out = pb.server(FACTS_REPLY)
     assert "1 setting(s)" in drop_record(out)["reconnect"]["replayed"]
@@ -570,7 +607,8 @@ def test_terminate_then_server_close_closes_the_client_without_reconnect() -> No
 
 _client_message = st.one_of(
     st.tuples(st.sampled_from(list(b"QPBDESCXFHdcfp")), st.binary(max_size=40)).map(
-        lambda m: bytes([m[0]]) + (len(m[1]) + 4).to_bytes(4, "big") + m[1]),
+        lambda m: bytes([m[0]]) + (len(m[1]) + 4).to_bytes(4, "big") + m[1]
+    ),
     st.binary(max_size=12),
 )
 
@@ -617,7 +655,8 @@ def test_arbitrary_bytes_at_startup_never_crash(data: bytes) -> None:
 
 _server_message = st.one_of(
     st.tuples(st.sampled_from(list(b"ZECSNDTA12nsKRv")), st.binary(max_size=40)).map(
-        lambda m: bytes([m[0]]) + (len(m[1]) + 4).to_bytes(4, "big") + m[1]),
+        lambda m: bytes([m[0]]) + (len(m[1]) + 4).to_bytes(4, "big") + m[1]
+    ),
     st.binary(max_size=12),
 )
 
@@ -657,7 +696,7 @@ def test_a_query_instead_of_the_password_is_08p01() -> None:
     pb.server_connected()
     pb.server(be.AuthenticationCleartextPassword().encode())
     out = pb.client(fe.Query("SELECT 1").encode())
-    (kind, payload), = messages(to_client(out))
+    ((kind, payload),) = messages(to_client(out))
     assert (kind, be.ErrorResponse.decode(payload).code) == (b"E", "08P01")
     assert cmd.CloseClient() in out
 

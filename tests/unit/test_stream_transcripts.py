@@ -35,8 +35,10 @@ from tests.playbook import (
 SMUGGLED = fe.Query("CREATE TABLE smuggled()").encode()
 COPY_DONE = b"c\x00\x00\x00\x04"
 NOT_SENT_WHOLE = "connection to the server was lost before this request reached it whole; it was not executed"
-KEPT_HINT = ("pgsidecar kept the connection: the transaction was rolled back, and after ROLLBACK "
-             "the next transaction runs on a new server connection")
+KEPT_HINT = (
+    "pgsidecar kept the connection: the transaction was rolled back, and after ROLLBACK "
+    "the next transaction runs on a new server connection"
+)
 
 
 def carrier(total_body: int) -> tuple[bytes, bytes]:
@@ -86,7 +88,7 @@ def test_cut_query_too_long_to_keep_is_answered_and_its_rest_discarded() -> None
     pb = Playbook(max_buffered_bytes=1024)
     login(pb)
     head, rest = carrier(4000)
-    head, rest = head + rest[:2000 - len(head)], rest[2000 - len(head):]
+    head, rest = head + rest[: 2000 - len(head)], rest[2000 - len(head) :]
     assert pb.client(head) == [cmd.SendToServer(head)]
     out = pb.server_closed()
     assert to_client(out) == error("ERROR", "08006", NOT_SENT_WHOLE) + z()
@@ -118,7 +120,9 @@ def test_cut_query_inside_a_transaction_goes_to_the_local_responder() -> None:
     assert to_client(out) == b""
     # The responder reads the whole message from its first byte: an error, the block failed.
     out = pb.client(rest)
-    assert to_client(out) == error("ERROR", "08006", "connection to the server was lost; the transaction was rolled back") + z(b"E")
+    assert to_client(out) == error(
+        "ERROR", "08006", "connection to the server was lost; the transaction was rolled back"
+    ) + z(b"E")
     assert to_server(out) == b""
     assert to_client(pb.client(fe.Query("ROLLBACK").encode())) == be.CommandComplete("ROLLBACK").encode() + z()
     assert to_server(reconnect(pb)) == b""
@@ -258,10 +262,19 @@ def test_large_notice_streams_and_only_its_start_is_read() -> None:
 # ---------------------------------------------------------------- limits and violations
 
 
-@pytest.mark.parametrize(("t", "length", "refused"), [
-    (b"H", 10000, False), (b"H", 10001, True), (b"S", 20000, True), (b"X", 10001, True),
-    (b"c", 10001, True), (b"E", 10001, True), (b"Q", 2_000_000, False), (b"d", 2_000_000, False),
-])
+@pytest.mark.parametrize(
+    ("t", "length", "refused"),
+    [
+        (b"H", 10000, False),
+        (b"H", 10001, True),
+        (b"S", 20000, True),
+        (b"X", 10001, True),
+        (b"c", 10001, True),
+        (b"E", 10001, True),
+        (b"Q", 2_000_000, False),
+        (b"d", 2_000_000, False),
+    ],
+)
 def test_postgresqls_per_type_limits(t: bytes, length: int, refused: bool) -> None:
     pb = Playbook()
     login(pb)
@@ -315,7 +328,7 @@ def test_terminate_inside_a_transaction_gives_the_servers_sqlstate_and_a_hint() 
     pb.server(error("FATAL", "57P01", "terminating connection due to administrator command"))
     pb.server_closed()
     out = pb.client(fe.Query("SELECT 1").encode())
-    (t, payload), (zt, status) = messages(to_client(out))
+    (_t, payload), (_zt, status) = messages(to_client(out))
     err = be.ErrorResponse.decode(payload)
     assert (err.severity, err.code) == ("ERROR", "57P01")
     assert err.message == "terminating connection due to administrator command"
@@ -364,7 +377,7 @@ def test_a_long_message_spanning_reads_is_read_only_to_its_prefix() -> None:
     got = []
     for i in range(0, len(msg), 65536):
         got += scanner.feed(msg[i : i + 65536])
-    (t, payload), = got
+    ((_t, payload),) = got
     assert isinstance(payload, Prefix) and len(payload) == PREFIX_BYTES and body.startswith(payload)
 
 
@@ -374,7 +387,7 @@ def test_a_named_parse_spanning_reads_is_kept_whole_once() -> None:
     got = []
     for i in range(0, len(msg), 65536):
         got += scanner.feed(msg[i : i + 65536])
-    (t, payload), = got
+    ((_t, payload),) = got
     assert not isinstance(payload, Prefix) and bytes(payload) == msg[5:]
 
 

@@ -17,7 +17,7 @@ from pgsidecar.wire.errors import ServerProtocolError
 from pgsidecar.wire.frames import MessageBuffer
 from pgsidecar.wire.payload import typed_message
 
-_ASYNC_TO_CLIENT = frozenset(b"AN")
+_ASYNC_TO_CLIENT = frozenset((be.NotificationResponse.TYPE[0], be.NoticeResponse.TYPE[0]))
 
 
 @dataclass(slots=True)
@@ -69,16 +69,16 @@ class InternalReplies:
 
     def _message(self, t: int, payload: bytes, raw: bytes) -> InternalOutcome | None:
         kind = bytes([t])
-        if kind == b"D":
+        if kind == be.DataRow.TYPE:
             self._rows.append(be.DataRow.decode(payload).values)
-        elif kind == b"E":
+        elif kind == be.ErrorResponse.TYPE:
             self._error = be.ErrorResponse.decode(payload)
-        elif kind == b"S":
+        elif kind == be.ParameterStatus.TYPE:
             msg = be.ParameterStatus.decode(payload)
             self.new_params[msg.name] = msg.value
         elif t in _ASYNC_TO_CLIENT:
             self.forward += raw
-        elif kind == b"Z":
+        elif kind == be.ReadyForQuery.TYPE:
             if len(payload) != 1:  # 55.7 ReadyForQuery: exactly one status byte
                 raise ServerProtocolError(f"invalid ReadyForQuery message of {len(payload)} bytes")
             outcome = InternalOutcome(self._purposes.popleft(), payload[0], self._rows, self._error)

@@ -120,9 +120,9 @@ class UpstreamLogin:
             self._result.backend_pid, self._result.backend_secret = key.pid, key.secret
         elif t == be.NoticeResponse.TYPE[0]:
             self._result.notices.append(typed_message(be.NoticeResponse.TYPE, payload))
-        elif t == b"v"[0]:
+        elif t == be.NegotiateProtocolVersion.TYPE[0]:
             pass  # NegotiateProtocolVersion: we ask for 3.0 and no options, so nothing to adapt
-        elif t == b"R"[0]:
+        elif t == be.AuthenticationOk.TYPE[0]:  # every Authentication* request
             return self._auth(be.decode_authentication(payload), step)
         return b""
 
@@ -191,10 +191,9 @@ class Login:
         ctx.facts = dict(event.facts)
         ctx.connected_wall, ctx.connected_at = event.wall, event.now
         ctx.last_server_at = event.now
-        binding = event.channel_binding
-        if binding is None and event.cert_der is not None:
-            binding = channel_binding_for(event.cert_der)
-        self.exchange = UpstreamLogin(ctx.params, ctx.password, channel_binding=binding)
+        # Channel binding is derived from the certificate in one place: UpstreamLogin.
+        self.exchange = UpstreamLogin(ctx.params, ctx.password, channel_binding=event.channel_binding,
+                                      cert_der=event.cert_der)
         self.waiting = False
         ctx.drops.connected(event)
         return [cmd.SendToServer(self.exchange.start())]

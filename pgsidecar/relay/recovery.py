@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pgsidecar.session.pending import TxStatus
 from pgsidecar.session.state import is_transaction_end
 from pgsidecar.wire import backend as be
+from pgsidecar.wire import frontend as fe
 from pgsidecar.wire import sqlstate
 from pgsidecar.wire.errors import ClientProtocolError
 
@@ -37,9 +38,10 @@ KEPT_HINT = (
     "the next transaction runs on a new server connection"
 )
 
-_Q, _F, _S, _X = b"Q"[0], b"F"[0], b"S"[0], b"X"[0]
-_COPY_TYPES = frozenset(b"dcf")
-_EXTENDED_TYPES = frozenset(b"PBEDCH")
+K = fe.Kind
+_Q, _F, _S, _X = K.QUERY, K.FUNCTION_CALL, K.SYNC, K.TERMINATE
+_COPY_TYPES = frozenset((K.COPY_DATA, K.COPY_DONE, K.COPY_FAIL))
+_EXTENDED_TYPES = frozenset((K.PARSE, K.BIND, K.EXECUTE, K.DESCRIBE, K.CLOSE, K.FLUSH))
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,8 +347,8 @@ class GroupAbort:
         raise ClientProtocolError(f"invalid frontend message type {t}")
 
 
-_TEXT_TYPES = frozenset(b"QP")
-_PARSE = ord("P")
+_TEXT_TYPES = frozenset((K.QUERY, K.PARSE))
+_PARSE = K.PARSE
 _MAX_TEXT = 64 * 1024  # a ROLLBACK is short: longer statement texts are not read whole
 
 
@@ -417,11 +419,10 @@ class LocalAbortResponder:
         return bytes(reply), b"", False
 
     def _message(self, t: int, payload: bytes, reply: bytearray) -> bool:
-        kind = bytes([t])
-        if kind == b"X":
-            self._buf[:0] = b"X\x00\x00\x00\x04"
+        if t == K.TERMINATE:
+            self._buf[:0] = fe.Terminate().encode()
             return True
-        if kind == b"Q":
+        if t == K.QUERY:
             if is_transaction_end(payload):
                 if self.owe_error and not _ROLLBACK_ONLY.match(payload):
                     reply += self._error() + ready_bytes(b"I")
@@ -430,8 +431,8 @@ class LocalAbortResponder:
                 return True
             reply += self._error() + ready_bytes(b"E")
             return False
-        if kind == b"P":
-            name_end = payload.find(b"\x00")
+        if t == K.PARSE:
+            name_end = fe.parse_statement_name(payload)
             if name_end < 0:
                 raise ClientProtocolError("invalid Parse message: statement name is not NUL-terminated")
             query = payload[name_end + 1 :]
@@ -439,13 +440,13 @@ class LocalAbortResponder:
             self._batch_end = self._batch_end or is_transaction_end(text)
             self._batch_commit = self._batch_commit or (is_transaction_end(text) and not _ROLLBACK_ONLY.match(text))
             self._batch_reply += be.ParseComplete().encode()
-        elif kind == b"B":
+        elif t == K.BIND:
             self._batch_reply += be.BindComplete().encode()
-        elif kind == b"D":
+        elif t == K.DESCRIBE:
             self._batch_reply += be.NoData().encode()
-        elif kind == b"E":
+        elif t == K.EXECUTE:
             self._batch_reply += be.CommandComplete("ROLLBACK").encode()
-        elif kind == b"S":
+        elif t == K.SYNC:
             return self._sync(reply)
         return False
 

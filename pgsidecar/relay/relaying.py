@@ -28,13 +28,10 @@ if TYPE_CHECKING:
     from pgsidecar.relay.login import LoginResult
     from pgsidecar.relay.reconnect import Reconnect
 
+# Module constants (plain ints) for the per-read loops; fe.Kind names them.
 _Q, _P, _SYNC, _CLOSE, _TERMINATE, _FCALL = (
-    fe.Query.TYPE[0],
-    fe.Parse.TYPE[0],
-    fe.Sync.TYPE[0],
-    fe.Close.TYPE[0],
-    fe.Terminate.TYPE[0],
-    b"F"[0],
+    int(k)
+    for k in (fe.Kind.QUERY, fe.Kind.PARSE, fe.Kind.SYNC, fe.Kind.CLOSE, fe.Kind.TERMINATE, fe.Kind.FUNCTION_CALL)
 )
 _Z, _E, _N, _CC, _PS = (
     be.ReadyForQuery.TYPE[0],
@@ -47,7 +44,7 @@ _CLIENT_WANTED = bytes((_Q, _P, _SYNC, _CLOSE, _TERMINATE, _FCALL))
 _SERVER_WANTED = bytes((_Z, _E, _CC, _PS, _N))
 # postgres.c SocketBackend: every message type a frontend may send after startup; anything else
 # (a password message 'p' included) makes the server end the session, so pgsidecar refuses it.
-_FRONTEND_TYPES = b"BCcdDEfFHPQSX"
+_FRONTEND_TYPES = bytes(k for k in fe.Kind if k is not fe.Kind.PASSWORD)
 _SYNC_POINTS = bytes((_Q, _SYNC, _FCALL))  # each earns one ReadyForQuery and ends a request group
 # Server messages held back while incomplete, so the client never holds part of one we may
 # withhold (the server's last words) or that a drop may cut; larger ones stream.
@@ -185,7 +182,7 @@ class Relaying:
             ctx.inflight_commit = True
 
     def _note_parse(self, payload: bytes) -> None:
-        name_end = payload.find(b"\x00")
+        name_end = fe.parse_statement_name(payload)
         if name_end < 0:
             if isinstance(payload, Prefix):
                 raise ClientProtocolError("invalid Parse message: statement name is too long")
@@ -329,9 +326,10 @@ class Relaying:
         Only a message read whole can be withheld; of a longer one only its start is read."""
         ctx = self.ctx
         if isinstance(payload, Prefix):
-            fields = be.error_fields_prefix(payload)
-            if t == _E and fields.get("S") in ("FATAL", "PANIC"):
-                ctx.last_fatal = be.ErrorResponse(tuple(fields.items()))
+            if t == _E:
+                err = be.ErrorResponse.decode_start(payload)
+                if err.severity in ("FATAL", "PANIC"):
+                    ctx.last_fatal = err
             return False
         if t == _E:
             err = be.ErrorResponse.decode(payload)

@@ -16,12 +16,32 @@ from pgsidecar.wire.errors import ServerProtocolError
 from pgsidecar.wire.payload import NoPayload, PayloadReader, cstring, typed_message
 
 __all__ = [
-    "AuthenticationOk", "AuthenticationCleartextPassword", "AuthenticationMD5Password",
-    "AuthenticationSASL", "AuthenticationSASLContinue", "AuthenticationSASLFinal",
-    "Authentication", "decode_authentication", "ParameterStatus", "BackendKeyData",
-    "ReadyForQuery", "ErrorResponse", "NoticeResponse", "error_fields", "CommandComplete",
-    "NegotiateProtocolVersion", "NotificationResponse", "ParseComplete", "BindComplete",
-    "CloseComplete", "EmptyQueryResponse", "NoData", "RowDescription", "DataRow", "BY_TYPE",
+    "BY_TYPE",
+    "Authentication",
+    "AuthenticationCleartextPassword",
+    "AuthenticationMD5Password",
+    "AuthenticationOk",
+    "AuthenticationSASL",
+    "AuthenticationSASLContinue",
+    "AuthenticationSASLFinal",
+    "BackendKeyData",
+    "BindComplete",
+    "CloseComplete",
+    "CommandComplete",
+    "DataRow",
+    "EmptyQueryResponse",
+    "ErrorResponse",
+    "NegotiateProtocolVersion",
+    "NoData",
+    "NoticeResponse",
+    "NotificationResponse",
+    "ParameterStatus",
+    "ParseComplete",
+    "ReadyForQuery",
+    "RowDescription",
+    "decode_authentication",
+    "error_fields",
+    "split_fields",
 ]
 
 _INT16 = struct.Struct("!h")
@@ -274,15 +294,6 @@ class ReadyForQuery:
 # --- Errors and notices (55.8) ---
 
 
-def _decode_fields(payload: bytes | memoryview, what: str) -> tuple[tuple[str, str], ...]:
-    r = _reader(payload, what)
-    fields: list[tuple[str, str]] = []
-    while (code := r.byte1()) != b"\0":
-        fields.append((code.decode("latin-1"), r.cstring()))
-    r.end()
-    return tuple(fields)
-
-
 def _encode_fields(fields: tuple[tuple[str, str], ...]) -> bytes:
     out = bytearray()
     for code, value in fields:
@@ -310,7 +321,12 @@ class _Fields:
 
     @classmethod
     def decode(cls, payload: bytes | memoryview) -> Self:
-        return cls(_decode_fields(payload, cls.__name__))
+        return cls(tuple(split_fields(payload)))
+
+    @classmethod
+    def decode_start(cls, payload: bytes | memoryview) -> Self:
+        """The fields found whole in the start of a message too long to read whole."""
+        return cls(tuple(split_fields(payload, partial=True)))
 
     def get(self, code: str) -> str | None:
         for key, value in self.fields:
@@ -372,32 +388,34 @@ class NoticeResponse(_Fields):
     TYPE: ClassVar[bytes] = b"N"
 
 
-def error_fields(payload: bytes | memoryview) -> dict[str, str]:
-    """The fields of an ErrorResponse or NoticeResponse payload as a dict (last one wins),
-    by one split instead of a cursor: the relay reads every FATAL it sees."""
+def split_fields(payload: bytes | memoryview, *, partial: bool = False) -> list[tuple[str, str]]:
+    """The one parser of ErrorResponse / NoticeResponse fields (55.8), in wire order, by one split
+    instead of a cursor: the relay reads every FATAL it sees. ``partial``: the payload is only the
+    start of a long message (the rest was not read); the fields found whole in it are returned,
+    severity and SQLSTATE first as PostgreSQL sends them (elog.c)."""
     raw = bytes(payload)
-    # 55.8: each field is a code byte and a String; a zero byte ends the list.
+    if partial:
+        parts = raw.split(b"\0")[:-1]
+        out = []
+        for part in parts:
+            if not part:
+                break
+            out.append((chr(part[0]), part[1:].decode("utf-8", "surrogateescape")))
+        return out
+    # Each field is a code byte and a String; a zero byte ends the list.
     if not raw.endswith(b"\0") or (len(raw) > 1 and not raw.endswith(b"\0\0")):
         raise ServerProtocolError("invalid error fields: not terminated by a zero byte")
-    parts = raw[:-1].split(b"\0")[:-1] if len(raw) > 1 else []
-    fields: dict[str, str] = {}
-    for part in parts:
+    fields: list[tuple[str, str]] = []
+    for part in raw[:-1].split(b"\0")[:-1] if len(raw) > 1 else []:
         if not part:
             raise ServerProtocolError("invalid error fields: empty field before the terminator")
-        fields[chr(part[0])] = part[1:].decode("utf-8", "surrogateescape")
+        fields.append((chr(part[0]), part[1:].decode("utf-8", "surrogateescape")))
     return fields
 
 
-def error_fields_prefix(payload: bytes | memoryview) -> dict[str, str]:
-    """The fields found whole in the start of a long ErrorResponse or NoticeResponse (the rest
-    was not read): severity and SQLSTATE come first in PostgreSQL's messages (elog.c)."""
-    raw = bytes(payload)
-    fields: dict[str, str] = {}
-    for part in raw.split(b"\0")[:-1]:
-        if not part:
-            break
-        fields[chr(part[0])] = part[1:].decode("utf-8", "surrogateescape")
-    return fields
+def error_fields(payload: bytes | memoryview) -> dict[str, str]:
+    """The fields as a dict (the last of a repeated code wins)."""
+    return dict(split_fields(payload))
 
 
 # --- Query cycle ---

@@ -11,6 +11,7 @@ Cancel keys are ``bytes``: protocol 3.0 uses 4 bytes, protocol 3.2 (PostgreSQL 1
 
 from __future__ import annotations
 
+import enum
 import struct
 from dataclasses import dataclass, field
 from typing import ClassVar, Self
@@ -19,29 +20,29 @@ from pgsidecar.wire.errors import ClientProtocolError
 from pgsidecar.wire.payload import NoPayload, PayloadReader, cstring, typed_message, untyped_message
 
 __all__ = [
-    "PROTOCOL_3_0",
-    "PROTOCOL_3_2",
+    "BY_TYPE",
     "CANCEL_REQUEST_CODE",
-    "SSL_REQUEST_CODE",
     "GSSENC_REQUEST_CODE",
     "MAX_CANCEL_KEY_LENGTH",
-    "StartupMessage",
-    "SSLRequest",
-    "GSSENCRequest",
+    "PROTOCOL_3_0",
+    "PROTOCOL_3_2",
+    "SSL_REQUEST_CODE",
     "CancelRequest",
-    "decode_startup_packet",
-    "PasswordMessage",
-    "SASLInitialResponse",
-    "SASLResponse",
-    "Query",
-    "Parse",
     "Close",
     "Describe",
     "Execute",
-    "Sync",
     "Flush",
+    "GSSENCRequest",
+    "Parse",
+    "PasswordMessage",
+    "Query",
+    "SASLInitialResponse",
+    "SASLResponse",
+    "SSLRequest",
+    "StartupMessage",
+    "Sync",
     "Terminate",
-    "BY_TYPE",
+    "decode_startup_packet",
 ]
 
 # 55.7: protocol version numbers are major << 16 | minor.
@@ -56,6 +57,31 @@ MAX_CANCEL_KEY_LENGTH = 256
 
 _INT32 = struct.Struct("!i")
 _UINT32 = struct.Struct("!I")
+
+
+class Kind(enum.IntEnum):
+    """The type byte of each frontend message after startup (55.7), as the relay compares it."""
+
+    BIND = ord("B")
+    CLOSE = ord("C")
+    COPY_DATA = ord("d")
+    COPY_DONE = ord("c")
+    COPY_FAIL = ord("f")
+    DESCRIBE = ord("D")
+    EXECUTE = ord("E")
+    FLUSH = ord("H")
+    FUNCTION_CALL = ord("F")
+    PARSE = ord("P")
+    PASSWORD = ord("p")  # also SASLInitialResponse / SASLResponse: only during authentication
+    QUERY = ord("Q")
+    SYNC = ord("S")
+    TERMINATE = ord("X")
+
+
+def parse_statement_name(payload: bytes | bytearray) -> int:
+    """Where the statement name of a Parse body ends (its NUL); the query text starts one after.
+    Only the name is looked at, so a long statement is not copied. -1: no NUL in what was read."""
+    return payload.find(b"\0")
 
 
 def _reader(payload: bytes | memoryview, what: str) -> PayloadReader:
@@ -127,7 +153,7 @@ class SSLRequest:
 
 @dataclass(frozen=True, slots=True)
 class GSSENCRequest:
-    """Asks for GSSAPI encryption; pgsidecar always answers N (DESIGN: Auth)."""
+    """Asks for GSSAPI encryption; pgsidecar always answers N (docs/architecture.md)."""
 
     CODE: ClassVar[int] = GSSENC_REQUEST_CODE
 

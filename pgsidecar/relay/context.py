@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from pgsidecar.relay import commands as cmd
 from pgsidecar.relay.dropbook import DropTracker
+from pgsidecar.relay.events import ConnectionFacts
 from pgsidecar.relay.internal import InternalReplies
 from pgsidecar.relay.phases import Phase, check_transition
 from pgsidecar.relay.recovery import GroupAbort, LocalAbortResponder, error_bytes
@@ -65,7 +66,7 @@ class SessionContext:
     book: SessionBook = field(default_factory=SessionBook)
     internal: InternalReplies = field(default_factory=InternalReplies)
     drops: DropTracker = field(default_factory=DropTracker)
-    facts: dict[str, object] = field(default_factory=dict)  # the upstream socket's, for records
+    facts: ConnectionFacts = field(default_factory=lambda: ConnectionFacts())  # the upstream socket's, for records
     server_facts: ServerFacts | None = None  # what the server said of itself after login
     # Clocks (monotonic seconds from the events; the brain never reads a clock).
     now: float = 0.0

@@ -4,6 +4,7 @@ wall-clock time matters for records, ``wall`` (epoch seconds): the brain never r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 from pgsidecar.relay.commands import TimerName
 from pgsidecar.wire.ending import SocketEnd
@@ -35,6 +36,19 @@ class ClientClosed:
     error: str | None = None
 
 
+class ConnectionFacts(TypedDict, total=False):
+    """What the runtime knows of a new upstream socket, kept for the drop record's "upstream"."""
+
+    host: str | None
+    address: str | None
+    port: int | None
+    tls: bool
+    tls_version: str | None
+    tls_cipher: str | None
+    cert_fingerprint: str | None
+    cert_not_after: float | None
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConnected:
     """The upstream socket (and TLS, if any) is up; the brain now speaks startup and auth."""
@@ -45,7 +59,7 @@ class ServerConnected:
     tls: bool
     channel_binding: bytes | None  # RFC 5929 tls-server-end-point hash of the server certificate
     cert_fingerprint: str | None = None
-    facts: dict[str, object] = field(default_factory=dict)  # the upstream socket's facts, for drop records
+    facts: ConnectionFacts = field(default_factory=lambda: ConnectionFacts())
     cert_der: bytes | None = None  # the server certificate; the brain derives channel binding from it
 
 

@@ -15,6 +15,7 @@ from pgsidecar.auth.md5 import md5_password
 from pgsidecar.auth.scram import ScramClient, channel_binding_for
 from pgsidecar.relay import commands as cmd
 from pgsidecar.relay import events as ev
+from pgsidecar.relay.events import ConnectionFacts
 from pgsidecar.relay.phases import Phase
 from pgsidecar.wire import backend as be
 from pgsidecar.wire import frontend as fe
@@ -188,7 +189,7 @@ class Login:
 
     def server_connected(self, event: ev.ServerConnected) -> list[cmd.Command]:
         ctx = self.ctx
-        ctx.facts = dict(event.facts)
+        ctx.facts = ConnectionFacts(**event.facts)
         ctx.connected_wall, ctx.connected_at = event.wall, event.now
         ctx.last_server_at = event.now
         # Channel binding is derived from the certificate in one place: UpstreamLogin.

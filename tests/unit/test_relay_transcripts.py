@@ -1,6 +1,6 @@
 """Socket-free transcripts of the relay brain (pgsidecar.relay.connection.SidecarConnection).
 
-mitmproxy's Playbook style (DESIGN habit 9): feed events, assert the exact commands. The server's
+mitmproxy's Playbook style (docs/architecture.md, Style): feed events, assert the exact commands. The server's
 side is built with pgsidecar.wire.backend encoders; a real PostgreSQL would send the same bytes.
 """
 

@@ -1,13 +1,15 @@
 # Two entry points (see README "Quick start"): `make demo` and `make test`.
 # Both install what they need first: Debian packages (PostgreSQL server, pgbench, PgBouncer,
 # iproute2, nftables) when missing, then a virtualenv with pgsidecar and its test extras.
+# `make test` runs `lint` and `typecheck` first (seconds), then the whole suite; `make unit` runs
+# only the socket-free unit tests.
 PY ?= python3
 VENV ?= .venv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PKGS := postgresql postgresql-client postgresql-contrib pgbouncer iproute2 nftables iptables procps python3-venv
 STAMP := $(VENV)/.pgsidecar-installed
 
-.PHONY: setup system-packages demo test bench bench-quick clean
+.PHONY: setup system-packages demo lint typecheck unit test bench bench-quick clean
 
 setup: system-packages $(STAMP)
 
@@ -27,7 +29,20 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/pgsidecar demo
 
-test: setup
+# Rules and excludes: pyproject.toml [tool.ruff] and [tool.mypy].
+LINT_PATHS := pgsidecar tests bench tools
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+unit: $(STAMP)
+	$(VENV)/bin/python -m pytest tests/unit
+
+test: setup lint typecheck
 	$(VENV)/bin/python -m pytest
 
 bench: setup
@@ -37,4 +52,4 @@ bench-quick: setup
 	$(VENV)/bin/python -m bench --quick
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache

@@ -19,8 +19,18 @@ import time
 from pathlib import Path
 
 from bench import churn, scale, workloads
-from bench.report import PATHS, MemoryResult, Sample, format_churn, format_memory, format_reconnect, \
-    format_scale, format_table, summarize, to_json
+from bench.report import (
+    PATHS,
+    MemoryResult,
+    Sample,
+    format_churn,
+    format_memory,
+    format_reconnect,
+    format_scale,
+    format_table,
+    summarize,
+    to_json,
+)
 from bench.stack import Stack
 
 MEMORY_COUNTS = (0, 100, 1000)
@@ -32,16 +42,23 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="rounds (default 3, quick 1)")
     parser.add_argument("--seconds", type=int, help="seconds per pgbench run (default 10, quick 3)")
     parser.add_argument("--scale", type=int, help="pgbench scale (default 10, quick 5)")
-    parser.add_argument("--only", default="", help="comma-separated: pgbench,bulk,memory,reconnect,scale,churn "
-                        "(scale: many clients querying through pgsidecar; churn: an idle session's reconnect "
-                        "while many clients connect and disconnect; both only when named)")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated: pgbench,bulk,memory,reconnect,scale,churn "
+        "(scale: many clients querying through pgsidecar; churn: an idle session's reconnect "
+        "while many clients connect and disconnect; both only when named)",
+    )
     parser.add_argument("--scale-clients", type=int, help="clients in the scale run (default 1000, quick 200)")
     parser.add_argument("--scale-seconds", type=float, help="seconds of the scale run (default 30, quick 10)")
     parser.add_argument("--churn-clients", type=int, help="clients in the churn run (default 1000, quick 200)")
     parser.add_argument("--churn-reps", type=int, help="terminations of the idle session (default 10, quick 3)")
     parser.add_argument("--churn-interval", type=float, help="seconds between terminations (default 2)")
-    parser.add_argument("--churn-max-concurrent", default=",".join(map(str, churn.DEFAULT_MAX_CONCURRENT)),
-                        help="comma-separated reconnect.max_concurrent values, one churn run each (default 8,2)")
+    parser.add_argument(
+        "--churn-max-concurrent",
+        default=",".join(map(str, churn.DEFAULT_MAX_CONCURRENT)),
+        help="comma-separated reconnect.max_concurrent values, one churn run each (default 8,2)",
+    )
     parser.add_argument("--output", default=str(Path(__file__).with_name("results.json")))
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -49,30 +66,46 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args.scale = args.scale or (5 if args.quick else 10)
     args.parts = set(args.only.split(",")) if args.only else {"pgbench", "bulk", "memory", "reconnect"}
     plan = scale.QUICK if args.quick else scale.FULL
-    args.scale_plan = dataclasses.replace(plan, clients=args.scale_clients or plan.clients,
-                                          seconds=args.scale_seconds or plan.seconds,
-                                          accounts=args.scale * 100_000)
+    args.scale_plan = dataclasses.replace(
+        plan,
+        clients=args.scale_clients or plan.clients,
+        seconds=args.scale_seconds or plan.seconds,
+        accounts=args.scale * 100_000,
+    )
     churn_plan = churn.QUICK if args.quick else churn.FULL
-    args.churn_plan = dataclasses.replace(churn_plan, clients=args.churn_clients or churn_plan.clients,
-                                          reps=args.churn_reps or churn_plan.reps,
-                                          interval_s=args.churn_interval or churn_plan.interval_s)
+    args.churn_plan = dataclasses.replace(
+        churn_plan,
+        clients=args.churn_clients or churn_plan.clients,
+        reps=args.churn_reps or churn_plan.reps,
+        interval_s=args.churn_interval or churn_plan.interval_s,
+    )
     args.churn_max_concurrent = tuple(int(v) for v in args.churn_max_concurrent.split(",") if v)
     return args
 
 
 def _machine() -> dict:
     """The facts a reader needs to compare numbers: cores, CPU model, memory, versions."""
+
     def run(argv: list[str]) -> str:
         try:
             return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
         except OSError:
             return ""
-    model = next((line.split(":", 1)[1].strip() for line in run(["lscpu"]).splitlines()
-                  if line.startswith("Model name")), platform.processor())
+
+    model = next(
+        (line.split(":", 1)[1].strip() for line in run(["lscpu"]).splitlines() if line.startswith("Model name")),
+        platform.processor(),
+    )
     mem = next((line.split()[1] for line in run(["free", "-h"]).splitlines() if line.startswith("Mem:")), "")
-    return {"nproc": os.cpu_count(), "cpu": model, "memory": mem, "kernel": platform.release(),
-            "python": platform.python_version(), "pgbouncer": run(["pgbouncer", "--version"]).splitlines()[0:1],
-            "pgbench": run(["pgbench", "--version"])}
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "memory": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "pgbouncer": run(["pgbouncer", "--version"]).splitlines()[0:1],
+        "pgbench": run(["pgbench", "--version"]),
+    }
 
 
 def _raise_nofile() -> None:
@@ -98,8 +131,9 @@ def run(args: argparse.Namespace, stack: Stack) -> int:
     if args.parts != {"churn"}:  # the churn run uses no tables
         print(f"pgbench -i -s {args.scale} ...", flush=True)
         workloads.pgbench_init(stack, args.scale)
-    sizes = {sql: workloads.bulk_bytes(stack, sql) for _, sql in workloads.BULK_WORKLOADS} \
-        if "bulk" in args.parts else {}
+    sizes = (
+        {sql: workloads.bulk_bytes(stack, sql) for _, sql in workloads.BULK_WORKLOADS} if "bulk" in args.parts else {}
+    )
     if "memory" in args.parts:
         # First, on fresh proxies: RSS grown by earlier workloads would hide the per-client cost.
         for path in ("pgbouncer", "pgsidecar"):
@@ -135,8 +169,11 @@ def run(args: argparse.Namespace, stack: Stack) -> int:
     churned = []
     if "churn" in args.parts:
         churn_plan = args.churn_plan
-        print(f"churn: {churn_plan.clients} clients connecting and disconnecting; idle session terminated "
-              f"every {churn_plan.interval_s:g} s x {churn_plan.reps} ...", flush=True)
+        print(
+            f"churn: {churn_plan.clients} clients connecting and disconnecting; idle session terminated "
+            f"every {churn_plan.interval_s:g} s x {churn_plan.reps} ...",
+            flush=True,
+        )
         churned = churn.run_churn(stack, churn_plan, args.churn_max_concurrent)
     summaries = [summarize(name, units[name], by_path) for name, by_path in samples.items()]
     print()
@@ -145,18 +182,27 @@ def run(args: argparse.Namespace, stack: Stack) -> int:
     if memory:
         print(format_memory(memory, MEMORY_COUNTS), end="\n\n")
     if bulk_peak:
-        print("proxy RSS growth during a bulk read, largest (KiB): "
-              + ", ".join(f"{p} {kib:,}" for p, kib in bulk_peak.items()), end="\n\n")
+        print(
+            "proxy RSS growth during a bulk read, largest (KiB): "
+            + ", ".join(f"{p} {kib:,}" for p, kib in bulk_peak.items()),
+            end="\n\n",
+        )
     if "reconnect" in args.parts:
         print(format_reconnect(reconnect), end="\n\n")
     if scaled is not None:
         print(format_scale(scaled), end="\n\n")
     for result in churned:
         print(format_churn(result), end="\n\n")
-    meta = {"machine": _machine(), "rounds": args.rounds, "seconds": args.seconds, "scale": args.scale,
-            "quick": args.quick, "elapsed_s": round(time.monotonic() - started, 1),
-            "bulk_bytes": {name: sizes.get(sql) for name, sql in workloads.BULK_WORKLOADS},
-            "bulk_rss_growth_kib": bulk_peak}
+    meta = {
+        "machine": _machine(),
+        "rounds": args.rounds,
+        "seconds": args.seconds,
+        "scale": args.scale,
+        "quick": args.quick,
+        "elapsed_s": round(time.monotonic() - started, 1),
+        "bulk_bytes": {name: sizes.get(sql) for name, sql in workloads.BULK_WORKLOADS},
+        "bulk_rss_growth_kib": bulk_peak,
+    }
     Path(args.output).write_text(to_json(meta, summaries, memory, reconnect, scaled, churned) + "\n")
     print(f"wrote {args.output} ({meta['elapsed_s']} s)")
     return 0

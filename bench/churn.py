@@ -123,8 +123,15 @@ def _connecting(metrics_port: int) -> float | None:
     return sample_value(text, "pgsidecar_upstream_connections", {"state": "connecting"})
 
 
-async def _terminate_reps(stack: Stack, plan: ChurnPlan, idle: MiniClient, admin: MiniClient,
-                          offset: int, samples: list[str], gate: list[float]) -> tuple[list[float], int]:
+async def _terminate_reps(
+    stack: Stack,
+    plan: ChurnPlan,
+    idle: MiniClient,
+    admin: MiniClient,
+    offset: int,
+    samples: list[str],
+    gate: list[float],
+) -> tuple[list[float], int]:
     """Every `interval_s`: terminate the idle session's backend, read its drop record, query it."""
     seconds, failed = [], 0
     loop = asyncio.get_running_loop()
@@ -133,11 +140,13 @@ async def _terminate_reps(stack: Stack, plan: ChurnPlan, idle: MiniClient, admin
         if stack.metrics_port:  # how many first logins the reconnect is about to meet at the gate
             waiting = await loop.run_in_executor(None, _connecting, stack.metrics_port)
             gate += [waiting] if waiting is not None else []
-        ended = await admin.query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                                  f" WHERE application_name = '{IDLE_APP}'")
+        ended = await admin.query(
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{IDLE_APP}'"
+        )
         drop = await _wait_drop(stack.drop_log, offset + rep + 1, plan.drop_timeout_s) if ended == 1 else None
-        ok = bool(drop is not None and drop.get("impact") == "transparent"
-                  and (drop.get("reconnect") or {}).get("succeeded"))
+        ok = bool(
+            drop is not None and drop.get("impact") == "transparent" and (drop.get("reconnect") or {}).get("succeeded")
+        )
         try:
             await asyncio.wait_for(idle.query("SELECT 1"), plan.drop_timeout_s)
         except (TimeoutError, PgError, OSError) as exc:
@@ -184,10 +193,22 @@ async def measure_churn(stack: Stack, plan: ChurnPlan) -> ChurnResult:
         idle.close()
         admin.close()
     ms = {k: (v * 1000 if v is not None else None) for k, v in percentiles(tally.connect_s).items()}
-    return ChurnResult(plan.clients, plan.reps, plan.interval_s, round(time.monotonic() - began, 1),
-                       tally.cycles, round(cycles_during / reps_elapsed, 1) if reps_elapsed else None,
-                       tally.errors, tally.samples, ms, seconds, failed, samples,
-                       plan.max_concurrent, gate)
+    return ChurnResult(
+        plan.clients,
+        plan.reps,
+        plan.interval_s,
+        round(time.monotonic() - began, 1),
+        tally.cycles,
+        round(cycles_during / reps_elapsed, 1) if reps_elapsed else None,
+        tally.errors,
+        tally.samples,
+        ms,
+        seconds,
+        failed,
+        samples,
+        plan.max_concurrent,
+        gate,
+    )
 
 
 def run_churn(stack: Stack, plan: ChurnPlan, max_concurrent: tuple[int, ...]) -> list[ChurnResult]:
@@ -196,6 +217,7 @@ def run_churn(stack: Stack, plan: ChurnPlan, max_concurrent: tuple[int, ...]) ->
     stack's sidecar is back to its start settings afterwards."""
     try:
         import uvloop
+
         factory = uvloop.new_event_loop
     except ImportError:  # pragma: no cover - uvloop is a pgsidecar dependency
         factory = asyncio.new_event_loop

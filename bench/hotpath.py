@@ -31,14 +31,17 @@ def _row_description() -> bytes:
 
 
 #: pgbench -S, simple protocol: one Query; the server answers T, D, C, Z (PostgreSQL docs 55.7).
-SIMPLE = (_msg(b"Q", b"SELECT abalance FROM pgbench_accounts WHERE aid = 48213;\0"),
-          _row_description() + _msg(b"D", struct.pack("!hI", 1, 1) + b"0")
-          + _msg(b"C", b"SELECT 1\0") + _msg(b"Z", b"I"))
+SIMPLE = (
+    _msg(b"Q", b"SELECT abalance FROM pgbench_accounts WHERE aid = 48213;\0"),
+    _row_description() + _msg(b"D", struct.pack("!hI", 1, 1) + b"0") + _msg(b"C", b"SELECT 1\0") + _msg(b"Z", b"I"),
+)
 #: pgbench -S -M prepared after the first Parse: Bind, Execute, Sync; 2, D, C, Z back.
-PREPARED = (_msg(b"B", b"\0P0_1\0" + struct.pack("!hhhI", 0, 1, 0, 5) + b"48213" + struct.pack("!h", 0))
-            + _msg(b"E", b"\0" + struct.pack("!I", 0)) + _msg(b"S", b""),
-            _msg(b"2", b"") + _msg(b"D", struct.pack("!hI", 1, 1) + b"0")
-            + _msg(b"C", b"SELECT 1\0") + _msg(b"Z", b"I"))
+PREPARED = (
+    _msg(b"B", b"\0P0_1\0" + struct.pack("!hhhI", 0, 1, 0, 5) + b"48213" + struct.pack("!h", 0))
+    + _msg(b"E", b"\0" + struct.pack("!I", 0))
+    + _msg(b"S", b""),
+    _msg(b"2", b"") + _msg(b"D", struct.pack("!hI", 1, 1) + b"0") + _msg(b"C", b"SELECT 1\0") + _msg(b"Z", b"I"),
+)
 
 
 class _Transport:
@@ -64,7 +67,13 @@ def relaying_driver() -> tuple[ClientDriver, _Transport, _Transport]:
     driver.brain = SidecarConnection(SessionPolicy(), secret=b"\0\0\0\1")
     driver.brain.ctx.phase = Phase.RELAYING
     driver.brain.ctx.first_backend_pid = 4242
-    driver.cancel_key, driver.closed, driver.failed, driver.timers, driver.paused_by = (4242, b"\0\0\0\1"), False, False, {}, set()
+    driver.cancel_key, driver.closed, driver.failed, driver.timers, driver.paused_by = (
+        (4242, b"\0\0\0\1"),
+        False,
+        False,
+        {},
+        set(),
+    )
     client, server = _Transport(), _Transport()
     driver.client = client  # type: ignore[assignment]
     driver.server = ServerSide(driver)

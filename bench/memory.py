@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import socket
 import struct
 import subprocess
@@ -19,7 +18,6 @@ import time
 import psycopg2
 
 from bench.stack import Stack
-from pgsidecar.wire import backend as be
 from pgsidecar.wire import frontend as fe
 
 MB = 1024 * 1024
@@ -118,8 +116,13 @@ def scenarios(stack: Stack, clients: int, big_mb: int, result_mb: int, waves: in
 
     def unnamed_parse() -> None:
         r = Raw(stack)
-        r.send(fe.Parse("", f"SELECT length('{big}')").encode() + b"B\x00\x00\x00\x0c" + b"\x00" * 8
-               + fe.Execute("").encode() + fe.Sync().encode())
+        r.send(
+            fe.Parse("", f"SELECT length('{big}')").encode()
+            + b"B\x00\x00\x00\x0c"
+            + b"\x00" * 8
+            + fe.Execute("").encode()
+            + fe.Sync().encode()
+        )
         r.drain()
         r.close()
 
@@ -146,8 +149,10 @@ def scenarios(stack: Stack, clients: int, big_mb: int, result_mb: int, waves: in
     yield one(f"{clients} idle clients (TLS upstreams)", open_idle)
     yield one(f"{clients} clients close", close_idle)
     yield one(f"{big_mb} MB ErrorResponse", lambda: raw_query(f"SELECT repeat('e', {big_mb * MB})::int"))
-    yield one(f"{big_mb} MB NoticeResponse",
-              lambda: raw_query(f"DO $$ BEGIN RAISE NOTICE '%', repeat('n', {big_mb * MB}); END $$"))
+    yield one(
+        f"{big_mb} MB NoticeResponse",
+        lambda: raw_query(f"DO $$ BEGIN RAISE NOTICE '%', repeat('n', {big_mb * MB}); END $$"),
+    )
     yield one(f"{big_mb} MB simple Query", lambda: raw_query(f"SELECT length('{big}')"))
     yield one(f"{big_mb} MB unnamed Parse", unnamed_parse)
     yield one(f"{big_mb} MB named Parse (kept for replay)", named_parse)

@@ -27,8 +27,9 @@ def _message(kind: bytes, body: bytes) -> bytes:
 class MiniClient:
     """One session: `await connect()`, `await query(sql)`, `close()`."""
 
-    def __init__(self, port: int, user: str, password: str, dbname: str = "postgres",
-                 application_name: str = "bench-idle") -> None:
+    def __init__(
+        self, port: int, user: str, password: str, dbname: str = "postgres", application_name: str = "bench-idle"
+    ) -> None:
         self.port, self.user, self.password, self.dbname = port, user, password, dbname
         self.application_name = application_name
         self.reader: asyncio.StreamReader | None = None
@@ -42,15 +43,17 @@ class MiniClient:
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             raise PgError(f"connection closed: {exc!r}") from None
         if header[:1] == b"E":
-            fields = dict((f[:1], f[1:].decode(errors="replace")) for f in body.split(b"\0") if f)
+            fields = {f[:1]: f[1:].decode(errors="replace") for f in body.split(b"\0") if f}
             raise PgError(f"{fields.get(b'C', '?')}: {fields.get(b'M', '')}")
         return header[:1], body
 
     async def connect(self) -> None:
         # Small socket buffers: the bench holds many sessions, not many bytes.
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port, limit=8192)
-        params = b"".join(k + b"\0" + v.encode() + b"\0" for k, v in (
-            (b"user", self.user), (b"database", self.dbname), (b"application_name", self.application_name)))
+        params = b"".join(
+            k + b"\0" + v.encode() + b"\0"
+            for k, v in ((b"user", self.user), (b"database", self.dbname), (b"application_name", self.application_name))
+        )
         body = struct.pack("!I", PROTOCOL_3_0) + params + b"\0"
         self.writer.write(struct.pack("!I", len(body) + 4) + body)
         await self._authenticate()
@@ -77,8 +80,9 @@ class MiniClient:
                 mechanisms = [m.decode() for m in body[4:].split(b"\0") if m]
                 scram = ScramClient(self.user, self.password, mechanisms=mechanisms)
                 first = scram.initial_response()
-                self.writer.write(_message(b"p", scram.mechanism.encode() + b"\0"
-                                           + struct.pack("!I", len(first)) + first))
+                self.writer.write(
+                    _message(b"p", scram.mechanism.encode() + b"\0" + struct.pack("!I", len(first)) + first)
+                )
             elif code == 11 and scram is not None:  # AuthenticationSASLContinue
                 self.writer.write(_message(b"p", scram.continue_(body[4:])))
             elif code == 12 and scram is not None:  # AuthenticationSASLFinal
@@ -110,7 +114,7 @@ class MiniClient:
         if self.writer is not None:
             try:
                 self.writer.write(_message(b"X", b""))
-            except Exception:
+            except Exception:  # noqa: BLE001 - a goodbye to a connection that may be gone already
                 pass
             self.writer.close()
             self.writer = None

@@ -30,8 +30,10 @@ def _own_and_total(raw: str) -> tuple[collections.Counter, collections.Counter, 
             continue
         count = int(count_text)
         # "func (file.py:123)" -> "func (file.py)": own time per function, not per line.
-        frames = [frame.rsplit(":", 1)[0] + ")" if frame.endswith(")") and ":" in frame else frame
-                  for frame in stack.split(";")]
+        frames = [
+            frame.rsplit(":", 1)[0] + ")" if frame.endswith(")") and ":" in frame else frame
+            for frame in stack.split(";")
+        ]
         samples += count
         own[frames[-1]] += count
         for frame in set(frames):
@@ -55,12 +57,31 @@ def main(argv: list[str] | None = None) -> int:
         stack.start()
         pgbench_init(stack, 10)
         out = tempfile.mktemp(suffix=".txt")
-        spy = subprocess.Popen([pyspy, "record", "--format", "raw", "--rate", "250", "-o", out,
-                                "--pid", str(stack.proxy_pid("pgsidecar")), "--duration", str(args.seconds + 1)]
-                               + (["--native"] if args.native else []),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        bench = subprocess.run(["pgbench", "-n", "-T", str(args.seconds), *args.pgbench.split()],
-                               env=stack.env("pgsidecar"), capture_output=True, text=True)
+        spy = subprocess.Popen(
+            [
+                pyspy,
+                "record",
+                "--format",
+                "raw",
+                "--rate",
+                "250",
+                "-o",
+                out,
+                "--pid",
+                str(stack.proxy_pid("pgsidecar")),
+                "--duration",
+                str(args.seconds + 1),
+            ]
+            + (["--native"] if args.native else []),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        bench = subprocess.run(
+            ["pgbench", "-n", "-T", str(args.seconds), *args.pgbench.split()],
+            env=stack.env("pgsidecar"),
+            capture_output=True,
+            text=True,
+        )
         spy.wait(args.seconds + 60)
         print(next((line for line in bench.stdout.splitlines() if line.startswith("tps")), bench.stderr))
         with open(out) as fh:

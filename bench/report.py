@@ -52,11 +52,9 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
 def summarize(name: str, unit: str, samples: dict[str, list[Sample]]) -> Summary:
     """Medians of value and latency per path (latency median taken on its own), then the ratios."""
     medians = {p: median([s.value for s in samples.get(p, [])]) for p in PATHS if p in samples}
-    latencies = {p: median([s.latency_ms for s in samples[p] if s.latency_ms is not None])
-                 for p in medians}
+    latencies = {p: median([s.latency_ms for s in samples[p] if s.latency_ms is not None]) for p in medians}
     cpu = {p: median([s.cpu_us for s in samples[p] if s.cpu_us is not None]) for p in medians}
-    ratios = {f"{a}/{b}": ratio(medians.get(a), medians.get(b))
-              for a, b in RATIOS if a in medians and b in medians}
+    ratios = {f"{a}/{b}": ratio(medians.get(a), medians.get(b)) for a, b in RATIOS if a in medians and b in medians}
     return Summary(name, unit, {p: list(v) for p, v in samples.items()}, medians, latencies, cpu, ratios)
 
 
@@ -68,12 +66,16 @@ def _num(value: float | None, digits: int = 1) -> str:
 
 def format_table(summary: Summary) -> str:
     """One workload: a row per path (median value, median latency, the rounds), then the ratios."""
-    lines = [f"== {summary.name} ({summary.unit}, median of {_rounds(summary)})",
-             f"{'path':<11}{summary.unit:>12}{'latency ms':>12}{'proxy cpu us':>14}   rounds"]
+    lines = [
+        f"== {summary.name} ({summary.unit}, median of {_rounds(summary)})",
+        f"{'path':<11}{summary.unit:>12}{'latency ms':>12}{'proxy cpu us':>14}   rounds",
+    ]
     for path, value in summary.median.items():
         rounds = " ".join(_num(s.value) for s in summary.samples.get(path, []))
-        lines.append(f"{path:<11}{_num(value):>12}{_num(summary.latency_ms.get(path), 3):>12}"
-                     f"{_num(summary.cpu_us.get(path), 1):>14}   {rounds}")
+        lines.append(
+            f"{path:<11}{_num(value):>12}{_num(summary.latency_ms.get(path), 3):>12}"
+            f"{_num(summary.cpu_us.get(path), 1):>14}   {rounds}"
+        )
     ratios = "   ".join(f"{name} = {_num(value, 2)}" for name, value in summary.ratios.items())
     if ratios:
         lines.append(ratios)
@@ -117,20 +119,32 @@ def format_memory(results: list[MemoryResult], counts: tuple[int, ...]) -> str:
 def format_reconnect(seconds: list[float]) -> str:
     """Server back -> first successful query of an idle client through pgsidecar."""
     rounds = " ".join(f"{s:.3f}" for s in seconds) or "-"
-    return ("== reconnect: server accepting again -> idle client's first query through pgsidecar\n"
-            f"median {_num(median(seconds), 3)} s   rounds {rounds}")
+    return (
+        "== reconnect: server accepting again -> idle client's first query through pgsidecar\n"
+        f"median {_num(median(seconds), 3)} s   rounds {rounds}"
+    )
 
 
-def to_json(meta: dict, summaries: list[Summary], memory: list[MemoryResult],
-            reconnect_s: list[float], scale: ScaleResult | None = None,
-            churn: list[ChurnResult] | None = None) -> str:
+def to_json(
+    meta: dict,
+    summaries: list[Summary],
+    memory: list[MemoryResult],
+    reconnect_s: list[float],
+    scale: ScaleResult | None = None,
+    churn: list[ChurnResult] | None = None,
+) -> str:
     """Everything the tables show, plus every round, as one JSON document."""
     doc = {
         "meta": meta,
         "workloads": [asdict(s) for s in summaries],
-        "memory": [{"path": m.path, "rss_kib": {str(k): v for k, v in m.rss_kib.items()},
-                    "per_client_kib": {str(n): m.per_client_kib(n) for n in m.rss_kib if n}}
-                   for m in memory],
+        "memory": [
+            {
+                "path": m.path,
+                "rss_kib": {str(k): v for k, v in m.rss_kib.items()},
+                "per_client_kib": {str(n): m.per_client_kib(n) for n in m.rss_kib if n},
+            }
+            for m in memory
+        ],
         "reconnect_s": {"rounds": reconnect_s, "median": median(reconnect_s)},
     }
     if scale is not None:
@@ -200,15 +214,16 @@ def percentiles(values: list[float], points: tuple[int, ...] = (50, 95, 99)) -> 
 def format_scale(result: ScaleResult) -> str:
     """Throughput, errors and latency, then the sidecar's descriptors, RSS and threads over time."""
     lat = "   ".join(f"{k} {_num(v, 3)}" for k, v in result.latency_ms.items())
-    lines = [f"== scale: {result.clients} clients x {result.seconds:.1f} s through one pgsidecar "
-             "(simple protocol: SELECT 1 / pgbench_accounts by aid)",
-             f"queries {result.queries:,}   queries/s {_num(result.qps)}   errors {result.errors} "
-             f"(connect {result.connect_errors}, query {result.query_errors})   "
-             f"connected {result.connected}/{result.clients} in {result.connect_s:.1f} s",
-             f"latency ms   {lat}",
-             f"{'':<18}{'before':>10}{'during':>10}{'after':>10}"]
-    for label, attr in (("sidecar open fds", "fds"), ("sidecar RSS KiB", "rss_kib"),
-                        ("sidecar threads", "threads")):
+    lines = [
+        f"== scale: {result.clients} clients x {result.seconds:.1f} s through one pgsidecar "
+        "(simple protocol: SELECT 1 / pgbench_accounts by aid)",
+        f"queries {result.queries:,}   queries/s {_num(result.qps)}   errors {result.errors} "
+        f"(connect {result.connect_errors}, query {result.query_errors})   "
+        f"connected {result.connected}/{result.clients} in {result.connect_s:.1f} s",
+        f"latency ms   {lat}",
+        f"{'':<18}{'before':>10}{'during':>10}{'after':>10}",
+    ]
+    for label, attr in (("sidecar open fds", "fds"), ("sidecar RSS KiB", "rss_kib"), ("sidecar threads", "threads")):
         cells = "".join(f"{_num(getattr(s, attr), 0):>10}" for s in (result.before, result.during, result.after))
         lines.append(f"{label:<18}{cells}")
     cells = "".join(f"{_num(result.backends.get(k), 0):>10}" for k in ("before", "during", "after"))
@@ -220,8 +235,10 @@ def format_scale(result: ScaleResult) -> str:
     lines.append(f"fds back to baseline: {verdict}")
     if result.sidecar_cpu_s is not None and result.queries:
         per_query_us = result.sidecar_cpu_s / result.queries * 1e6
-        lines.append(f"sidecar cpu {result.sidecar_cpu_s:.1f} s ({per_query_us:.1f} us/query); "
-                     f"bench client cpu {_num(result.client_cpu_s)} s; sidecar nofile {result.nofile}")
+        lines.append(
+            f"sidecar cpu {result.sidecar_cpu_s:.1f} s ({per_query_us:.1f} us/query); "
+            f"bench client cpu {_num(result.client_cpu_s)} s; sidecar nofile {result.nofile}"
+        )
     lines += [f"  ! {sample}" for sample in result.error_samples]
     return "\n".join(lines)
 
@@ -263,16 +280,24 @@ def format_churn(result: ChurnResult) -> str:
     low, mid, high = (min(secs), median(secs), max(secs)) if secs else (None, None, None)
     connect = "   ".join(f"{k} {_num(v, 1)}" for k, v in result.connect_ms.items())
     gate = result.gate_connecting
-    gate_text = (f"   connects in progress or waiting at the gate before each terminate: "
-                 f"min {min(gate):,.0f} median {median(gate):,.0f} max {max(gate):,.0f}") if gate else ""
-    lines = [f"== churn: {result.clients} clients connecting and disconnecting through pgsidecar "
-             f"(reconnect.max_concurrent {result.max_concurrent if result.max_concurrent is not None else '?'}); "
-             f"an idle session's backend terminated every {result.interval_s:g} s",
-             f"transparent reconnect s   min {_num(low, 3)}   median {_num(mid, 3)}   max {_num(high, 3)}   "
-             f"({len(secs)} of {result.reps} reps; target < 1 s; before the priority gate: {CHURN_BEFORE_GATE})",
-             f"reps {' '.join(f'{s:.3f}' for s in secs) or '-'}   failed {result.failed_reps}",
-             f"churn: {result.cycles:,} connect+query+disconnect cycles in {result.seconds:g} s "
-             f"({_num(result.cycles_per_s)}/s while terminating)   connect errors {result.connect_errors}",
-             f"first-login connect ms   {connect}{gate_text}"]
+    gate_text = (
+        (
+            f"   connects in progress or waiting at the gate before each terminate: "
+            f"min {min(gate):,.0f} median {median(gate):,.0f} max {max(gate):,.0f}"
+        )
+        if gate
+        else ""
+    )
+    lines = [
+        f"== churn: {result.clients} clients connecting and disconnecting through pgsidecar "
+        f"(reconnect.max_concurrent {result.max_concurrent if result.max_concurrent is not None else '?'}); "
+        f"an idle session's backend terminated every {result.interval_s:g} s",
+        f"transparent reconnect s   min {_num(low, 3)}   median {_num(mid, 3)}   max {_num(high, 3)}   "
+        f"({len(secs)} of {result.reps} reps; target < 1 s; before the priority gate: {CHURN_BEFORE_GATE})",
+        f"reps {' '.join(f'{s:.3f}' for s in secs) or '-'}   failed {result.failed_reps}",
+        f"churn: {result.cycles:,} connect+query+disconnect cycles in {result.seconds:g} s "
+        f"({_num(result.cycles_per_s)}/s while terminating)   connect errors {result.connect_errors}",
+        f"first-login connect ms   {connect}{gate_text}",
+    ]
     lines += [f"  ! {sample}" for sample in result.error_samples + result.rep_samples]
     return "\n".join(lines)

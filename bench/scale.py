@@ -96,8 +96,9 @@ def nofile_limit(pid: int) -> int | None:
 def server_backends(stack: Stack) -> int | None:
     """Client backends on the server, counted over a direct TLS psql session (which is one of them)."""
     sql = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
-    out = subprocess.run(["psql", "-X", "-A", "-t", "-c", sql], env=stack.env("direct"),
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["psql", "-X", "-A", "-t", "-c", sql], env=stack.env("direct"), capture_output=True, text=True, timeout=60
+    )
     return int(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip().isdigit() else None
 
 
@@ -117,7 +118,7 @@ async def _until_ready(reader: asyncio.StreamReader, tally: Tally) -> None:
             if end > size:
                 break
             if kind == 0x45:  # 'E' ErrorResponse; ReadyForQuery still follows
-                tally.error(_error_text(buf[pos + 5:end]))
+                tally.error(_error_text(buf[pos + 5 : end]))
             elif kind == 0x5A:  # 'Z' ReadyForQuery: the query is done
                 if end != size:
                     raise PgError(f"{size - end} bytes after ReadyForQuery")
@@ -127,7 +128,7 @@ async def _until_ready(reader: asyncio.StreamReader, tally: Tally) -> None:
 
 
 def _error_text(body: bytes) -> str:
-    fields = dict((f[:1], f[1:].decode(errors="replace")) for f in body.split(b"\0") if f)
+    fields = {f[:1]: f[1:].decode(errors="replace") for f in body.split(b"\0") if f}
     return f"{fields.get(b'C', '?')}: {fields.get(b'M', '')}"
 
 
@@ -141,8 +142,11 @@ async def _client_loop(client: MiniClient, window: Window, plan: ScalePlan, seed
     for n in range(plan.max_queries_per_client):
         if time.monotonic() >= deadline:
             return
-        message = SELECT_1 if n % 2 == 0 else _query(
-            f"SELECT abalance FROM pgbench_accounts WHERE aid = {rng.randint(1, plan.accounts)}")
+        message = (
+            SELECT_1
+            if n % 2 == 0
+            else _query(f"SELECT abalance FROM pgbench_accounts WHERE aid = {rng.randint(1, plan.accounts)}")
+        )
         began = clock()
         writer.write(message)
         try:
@@ -164,7 +168,7 @@ async def _connect_all(stack: Stack, plan: ScalePlan, tally: Tally) -> tuple[lis
             try:
                 await asyncio.wait_for(client.connect(), plan.connect_timeout_s)
                 clients.append(client)
-            except (PgError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, PgError, OSError) as exc:
                 failures += 1
                 client.close()
                 if len(tally.samples) < 5:
@@ -179,11 +183,12 @@ async def _sample_peak(pid: int, stop: asyncio.Event, peak: list[ProcessSnapshot
     while not stop.is_set():
         now = snapshot(pid)
         last = peak[-1]
-        peak[-1] = ProcessSnapshot(max(now.fds, last.fds), max(now.rss_kib, last.rss_kib),
-                                   max(now.threads, last.threads))
+        peak[-1] = ProcessSnapshot(
+            max(now.fds, last.fds), max(now.rss_kib, last.rss_kib), max(now.threads, last.threads)
+        )
         try:
             await asyncio.wait_for(stop.wait(), 1.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
 
@@ -241,9 +246,26 @@ async def measure_scale(stack: Stack, plan: ScalePlan) -> ScaleResult:
     after = snapshot(pid)
     backends["after"] = server_backends(stack)
     ms = {k: (v * 1000 if v is not None else None) for k, v in percentiles(tally.latencies).items()}
-    return ScaleResult(plan.clients, round(elapsed, 3), connect_s, len(clients), connect_errors,
-                       tally.query_errors, tally.samples, len(tally.latencies), ms, before, peak[-1], after,
-                       plan.settle_s, fds_back_s, backends, cpu, own, nofile_limit(pid))
+    return ScaleResult(
+        plan.clients,
+        round(elapsed, 3),
+        connect_s,
+        len(clients),
+        connect_errors,
+        tally.query_errors,
+        tally.samples,
+        len(tally.latencies),
+        ms,
+        before,
+        peak[-1],
+        after,
+        plan.settle_s,
+        fds_back_s,
+        backends,
+        cpu,
+        own,
+        nofile_limit(pid),
+    )
 
 
 def _own_cpu_s() -> float:
@@ -255,6 +277,7 @@ def run_scale(stack: Stack, plan: ScalePlan) -> ScaleResult:
     """measure_scale on uvloop (the sidecar's own loop), so the clients cost less CPU."""
     try:
         import uvloop
+
         factory = uvloop.new_event_loop
     except ImportError:  # pragma: no cover - uvloop is a pgsidecar dependency
         factory = asyncio.new_event_loop

@@ -120,8 +120,7 @@ class Stack:
 
     def port(self, path: str) -> int:
         assert self.cluster is not None
-        return {"direct": self.cluster.port, "pgbouncer": self.bouncer_port,
-                "pgsidecar": self.sidecar_port}[path]
+        return {"direct": self.cluster.port, "pgbouncer": self.bouncer_port, "pgsidecar": self.sidecar_port}[path]
 
     def sslmode(self, path: str) -> str:
         """Direct is TLS (as an app without a sidecar would be); both proxies take plain loopback."""
@@ -135,8 +134,15 @@ class Stack:
     def env(self, path: str) -> dict[str, str]:
         """libpq variables that point psql and pgbench at `path`."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PGSIDECAR_"))}
-        env.update(PGHOST="127.0.0.1", PGPORT=str(self.port(path)), PGUSER=self.user, PGDATABASE="postgres",
-                   PGPASSWORD=self.password, PGSSLMODE=self.sslmode(path), PGAPPNAME="bench")
+        env.update(
+            PGHOST="127.0.0.1",
+            PGPORT=str(self.port(path)),
+            PGUSER=self.user,
+            PGDATABASE="postgres",
+            PGPASSWORD=self.password,
+            PGSSLMODE=self.sslmode(path),
+            PGAPPNAME="bench",
+        )
         return env
 
     def start(self) -> None:
@@ -157,9 +163,13 @@ class Stack:
         (server_idle_timeout 600 s), and a thousand pooled links would starve the other paths."""
         stop_pid(self.bouncer, signal.SIGINT)
         bdir = os.path.join(self.root, "pgbouncer")
-        self.bouncer = subprocess.Popen(["pgbouncer", os.path.join(bdir, "pgbouncer.ini")],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        start_new_session=True, **_as_nobody())
+        self.bouncer = subprocess.Popen(
+            ["pgbouncer", os.path.join(bdir, "pgbouncer.ini")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            **_as_nobody(),
+        )
         wait_port(self.bouncer_port, self.bouncer, "pgbouncer")
 
     def _start_bouncer(self) -> None:
@@ -189,8 +199,13 @@ class Stack:
             for name in os.listdir(bdir):
                 shutil.chown(os.path.join(bdir, name), "nobody", "nogroup")
             shutil.chown(bdir, "nobody", "nogroup")
-        self.bouncer = subprocess.Popen(["pgbouncer", ini], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, start_new_session=True, **_as_nobody())
+        self.bouncer = subprocess.Popen(
+            ["pgbouncer", ini],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            **_as_nobody(),
+        )
         wait_port(self.bouncer_port, self.bouncer, "pgbouncer")
 
     def restart_sidecar(self, env: dict[str, str] | None = None, *, metrics: bool = False) -> None:
@@ -199,23 +214,36 @@ class Stack:
         stop_pid(self.sidecar)
         self._start_sidecar(env, metrics=metrics, port=self.sidecar_port)
 
-    def _start_sidecar(self, extra_env: dict[str, str] | None = None, *, metrics: bool = False,
-                       port: int = 0) -> None:
+    def _start_sidecar(self, extra_env: dict[str, str] | None = None, *, metrics: bool = False, port: int = 0) -> None:
         assert self.cluster is not None
         self.sidecar_port = port or free_port()
         self.metrics_port = free_port() if metrics else 0
         upstream = f"host=127.0.0.1 port={self.cluster.port} sslmode=require"
-        log = open(os.path.join(self.root, "sidecar.log"), "ab")  # a restart keeps the earlier lines
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PGSIDECAR_"))}
         env["PGSIDECAR_LISTEN_MAX_CLIENTS"] = "2000"
         env.update(extra_env or {})
-        argv = [sys.executable, *self.sidecar_prefix(), "-m", "pgsidecar", "run",
-                "--listen", f"127.0.0.1:{self.sidecar_port}", "--upstream", upstream,
-                "--metrics", f"127.0.0.1:{self.metrics_port}" if metrics else "none",
-                "--log-format", "json", "--log-level", "warning", "--drop-log", self.drop_log]
-        self.sidecar = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
-        log.close()
+        argv = [
+            sys.executable,
+            *self.sidecar_prefix(),
+            "-m",
+            "pgsidecar",
+            "run",
+            "--listen",
+            f"127.0.0.1:{self.sidecar_port}",
+            "--upstream",
+            upstream,
+            "--metrics",
+            f"127.0.0.1:{self.metrics_port}" if metrics else "none",
+            "--log-format",
+            "json",
+            "--log-level",
+            "warning",
+            "--drop-log",
+            self.drop_log,
+        ]
+        # Appended: a restart keeps the earlier lines. The child keeps its own descriptor.
+        with open(os.path.join(self.root, "sidecar.log"), "ab") as log:
+            self.sidecar = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         wait_port(self.sidecar_port, self.sidecar, "pgsidecar")
 
     @property

@@ -49,8 +49,9 @@ _LATENCY = re.compile(r"^latency average = ([0-9.]+) ms", re.M)
 
 def pgbench_init(stack: Stack, scale: int) -> None:
     """Create the pgbench tables directly (TLS), then VACUUM ANALYZE once so runs can use -n."""
-    out = subprocess.run(["pgbench", "-i", "-q", "-s", str(scale)], env=stack.env("direct"),
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        ["pgbench", "-i", "-q", "-s", str(scale)], env=stack.env("direct"), capture_output=True, text=True, timeout=600
+    )
     if out.returncode != 0:
         raise RuntimeError(f"pgbench -i failed: {out.stderr.strip()}")
 
@@ -116,8 +117,9 @@ def run_bulk(stack: Stack, path: str, sql: str, nbytes: int) -> tuple[Sample | N
     if monitor is not None:
         monitor.__enter__()
     try:
-        out = subprocess.run(_psql(sql), env=stack.env(path), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True, timeout=600)
+        out = subprocess.run(
+            _psql(sql), env=stack.env(path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600
+        )
     finally:
         elapsed = time.perf_counter() - start
         if monitor is not None:
@@ -196,7 +198,7 @@ async def measure_reconnect(stack: Stack, deadline_s: float = 60.0) -> float | N
             try:
                 await client.query("SELECT 1")
                 return time.perf_counter() - back
-            except Exception as exc:  # an error the client saw: the reconnect was not transparent
+            except Exception as exc:  # noqa: BLE001 - an error the client saw: the reconnect was not transparent
                 print(f"  ! reconnect query failed: {exc}")
                 if "connection closed" in str(exc):
                     return None

@@ -12,9 +12,14 @@ import os
 import signal
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pgsidecar.config.model import Config
 from pgsidecar.runtime.listener import Sidecar
+
+if TYPE_CHECKING:  # imported when first used, as at run time
+    from pgsidecar.observe.recorder import DropRecorder
+    from pgsidecar.runtime.http import Operations
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -47,8 +52,9 @@ class App:
         self.id = sidecar_id(config)
         self.stopping: asyncio.Event | None = None
         self.sidecar: Sidecar | None = None
-        self.drops = None
-        self.metrics = None
+        self.drain_task: asyncio.Task[None] | None = None  # held: the loop keeps tasks weakly
+        self.drops: DropRecorder | None = None
+        self.metrics: Operations | None = None
 
     async def run(self) -> int:
         from pgsidecar.observe.recorder import DropRecorder
@@ -73,14 +79,15 @@ class App:
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         log.info(
             "pgsidecar listening on %s:%s, upstream %s",
-            self.config.listen.host, self.sidecar.ports[0] if self.sidecar.ports else self.config.listen.port,
+            self.config.listen.host,
+            self.sidecar.ports[0] if self.sidecar.ports else self.config.listen.port,
             self.config.upstream.target.redacted(),
         )
         await self.stopping.wait()
         await self._shutdown()
         return EXIT_OK
 
-    async def _start_http(self):
+    async def _start_http(self) -> Operations | None:
         try:
             from pgsidecar.runtime.http import start_http
         except ImportError:
@@ -93,14 +100,16 @@ class App:
             log.warning("second signal: exiting now")
             self.stopping.set()
             return
-        log.info("draining: no new clients; sessions finish their transaction (grace %ss)", self.config.shutdown.grace_s)
+        log.info(
+            "draining: no new clients; sessions finish their transaction (grace %ss)", self.config.shutdown.grace_s
+        )
         self.sidecar.drain()
-        asyncio.ensure_future(self._drain_wait())
+        self.drain_task = asyncio.ensure_future(self._drain_wait())
 
     async def _drain_wait(self) -> None:
         assert self.sidecar is not None and self.stopping is not None
         deadline = asyncio.get_running_loop().time() + self.config.shutdown.grace_s
-        while self.sidecar.drivers and asyncio.get_running_loop().time() < deadline:
+        while self.sidecar.drivers and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110 - polls a set, no event to wait on
             await asyncio.sleep(0.05)
         if self.sidecar.drivers:
             log.warning("drain: grace period over; closing %d remaining session(s)", len(self.sidecar.drivers))
@@ -120,11 +129,13 @@ class App:
         try:
             new = self.reload_config()
             self.sidecar.reload(new)
-        except Exception as exc:  # ConfigError, TlsConfigError, OSError, ssl.SSLError: keep running
+        except Exception as exc:  # noqa: BLE001 - ConfigError, TlsConfigError, OSError, ssl.SSLError: keep running
             log.error("SIGHUP: reload failed, keeping the running configuration: %s", exc)
             return
-        for name, old_value, new_value in (("metrics.listen", self.config.metrics.listen, new.metrics.listen),
-                                           ("drop_log.path", self.config.drop_log.path, new.drop_log.path)):
+        for name, old_value, new_value in (
+            ("metrics.listen", self.config.metrics.listen, new.metrics.listen),
+            ("drop_log.path", self.config.drop_log.path, new.drop_log.path),
+        ):
             if old_value != new_value:
                 log.warning("SIGHUP: %s changes take effect only after a restart", name)
         self.config = new

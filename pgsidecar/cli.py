@@ -8,9 +8,14 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from pgsidecar import __version__
+
+if TYPE_CHECKING:
+    from pgsidecar.config.model import Config
 
 # CLI flag -> dotted config key (every flag also has a PGSIDECAR_* twin through the loader).
 _FLAG_KEYS = {
@@ -45,7 +50,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
     return out
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace) -> Config:
     from pgsidecar.config.load import ConfigError, load_config
 
     try:
@@ -55,7 +60,7 @@ def _load(args: argparse.Namespace):
         raise SystemExit(2) from None
 
 
-def _warn_unknown_env(emit) -> None:
+def _warn_unknown_env(emit: Callable[[str], None]) -> None:
     """Unknown PGSIDECAR_* variables (Kubernetes service links, a wrapper's own) are ignored, and
     said so once, here, after logging is set up: not on SIGHUP, whose environment is the same."""
     from pgsidecar.config.load import unknown_env_warning
@@ -91,7 +96,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     target = config.upstream.target
     try:
         result = asyncio.run(check_upstream(config))
-    except (CheckFailed, UpstreamError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, CheckFailed, UpstreamError, OSError) as exc:
         print(f"pgsidecar check: {target.redacted()}: {exc or type(exc).__name__}", file=sys.stderr)
         return 4
     f = result.facts
@@ -111,8 +116,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         print(f"TLS:             off (sslmode={target.sslmode.value})")
     ka = config.upstream.keepalive
-    print(f"keepalive:       idle {ka.idle_s:g}s, interval {ka.interval_s:g}s, count {ka.count}, "
-          f"user timeout {ka.effective_user_timeout_s:g}s")
+    print(
+        f"keepalive:       idle {ka.idle_s:g}s, interval {ka.interval_s:g}s, count {ka.count}, "
+        f"user timeout {ka.effective_user_timeout_s:g}s"
+    )
     if result.keepalive:
         print("  on the socket: " + ", ".join(f"{k}={v}" for k, v in result.keepalive.items()))
     return 0

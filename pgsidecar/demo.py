@@ -5,6 +5,7 @@ pgsidecar does not. Everything started here is stopped by PID at the end, also o
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -15,8 +16,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from pgsidecar.demo_cluster import DemoCluster, free_port
+
+if TYPE_CHECKING:  # psycopg2 itself is imported when the demo runs (main() checks it is there)
+    from psycopg2.extensions import connection as PgConnection
 
 
 def _say(text: str = "") -> None:
@@ -29,15 +34,22 @@ class DemoApp:
     def __init__(self, name: str, dsn: str) -> None:
         self.name = name
         self.dsn = dsn
-        self.conn = None
+        self.conn: PgConnection | None = None
         self.errors: list[str] = []
         self.requests = 0
 
-    def _connect(self):
+    def _connect(self) -> PgConnection:
         import psycopg2
 
-        return psycopg2.connect(self.dsn, keepalives=1, keepalives_idle=30, keepalives_interval=10,
-                                keepalives_count=5, connect_timeout=10, application_name=f"demo-{self.name}")
+        return psycopg2.connect(
+            self.dsn,
+            keepalives=1,
+            keepalives_idle=30,
+            keepalives_interval=10,
+            keepalives_count=5,
+            connect_timeout=10,
+            application_name=f"demo-{self.name}",
+        )
 
     def request(self) -> str:
         """One web request's worth of work; an error is what the app's user would see."""
@@ -50,15 +62,18 @@ class DemoApp:
             with self.conn.cursor() as cur:
                 cur.execute("INSERT INTO demo_events(app) VALUES (%s)", (self.name,))
                 cur.execute("SELECT count(*) FROM demo_events WHERE app = %s", (self.name,))
-                (count,) = cur.fetchone()
+                row = cur.fetchone()
+                assert row is not None  # count(*) always answers one row
+                (count,) = row
             self.conn.commit()
             return f"ok ({count} rows)"
         except psycopg2.Error as exc:
             text = str(exc).strip().splitlines()[0]
             self.errors.append(text)
             try:
-                self.conn.close()
-            except Exception:
+                if self.conn is not None:
+                    self.conn.close()
+            except Exception:  # noqa: BLE001 - closing a connection that already failed
                 pass
             # The app's own reconnect-on-error code, which it must carry today: the next
             # request gets a fresh connection (a pool would do the same).
@@ -69,17 +84,21 @@ class DemoApp:
             return f"ERROR: {text}"
 
     def backend_pid(self) -> int | None:
+        if self.conn is None:
+            return None
         try:
             with self.conn.cursor() as cur:
                 cur.execute("SELECT pg_backend_pid()")
-                pid = cur.fetchone()[0]
+                row = cur.fetchone()
+                assert row is not None
+                pid: int = row[0]
             self.conn.commit()
             return pid
-        except Exception:
+        except Exception:  # noqa: BLE001 - no pid to show is all a failed query means here
             return None
 
 
-def _admin(cluster: DemoCluster):
+def _admin(cluster: DemoCluster) -> PgConnection:
     import psycopg2
 
     conn = psycopg2.connect(cluster.dsn(application_name="demo-admin"), connect_timeout=10)
@@ -87,7 +106,7 @@ def _admin(cluster: DemoCluster):
     return conn
 
 
-def _admin_sql(cluster: DemoCluster, sql: str, params=None) -> list:
+def _admin_sql(cluster: DemoCluster, sql: str, params: tuple[Any, ...] | None = None) -> list[tuple[Any, ...]]:
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -106,9 +125,12 @@ def _admin_sql(cluster: DemoCluster, sql: str, params=None) -> list:
 
 
 def fault_terminate(cluster: DemoCluster, apps: list[DemoApp]) -> None:
-    _admin_sql(cluster, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE application_name IN ('demo-sidecar', 'demo-direct', 'pgsidecar') "
-                        "AND pid <> pg_backend_pid() AND backend_type = 'client backend'")
+    _admin_sql(
+        cluster,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE application_name IN ('demo-sidecar', 'demo-direct', 'pgsidecar') "
+        "AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+    )
 
 
 def fault_idle_session_timeout(cluster: DemoCluster, apps: list[DemoApp]) -> None:
@@ -132,12 +154,14 @@ def fault_crash(cluster: DemoCluster, apps: list[DemoApp]) -> None:
     victim = _admin(cluster)
     with victim.cursor() as cur:
         cur.execute("SELECT pg_backend_pid()")
-        pid = cur.fetchone()[0]
+        row = cur.fetchone()
+        assert row is not None
+        pid = row[0]
     os.kill(pid, signal.SIGKILL)
     time.sleep(0.5)
     try:
         victim.close()
-    except Exception:
+    except Exception:  # noqa: BLE001 - its backend was just killed
         pass
 
 
@@ -149,18 +173,34 @@ FAULTS: list[tuple[str, Callable[[DemoCluster, list[DemoApp]], None]]] = [
 ]
 
 
-def _start_sidecar(cluster: DemoCluster, root: str) -> tuple[subprocess.Popen, int, str]:
+def _start_sidecar(cluster: DemoCluster, root: str) -> tuple[subprocess.Popen[bytes], int, str]:
     port = free_port()
     drop_log = os.path.join(root, "drops.jsonl")
     upstream = f"host=localhost port={cluster.port} sslmode=verify-full sslrootcert={cluster.ca}"
-    log = open(os.path.join(root, "sidecar.log"), "wb")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGSIDECAR_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pgsidecar", "run", "--listen", f"127.0.0.1:{port}", "--upstream", upstream,
-         "--drop-log", drop_log, "--metrics", "none", "--log-format", "text"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
-    log.close()
+    with open(os.path.join(root, "sidecar.log"), "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pgsidecar",
+                "run",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--upstream",
+                upstream,
+                "--drop-log",
+                drop_log,
+                "--metrics",
+                "none",
+                "--log-format",
+                "text",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -173,14 +213,14 @@ def _start_sidecar(cluster: DemoCluster, root: str) -> tuple[subprocess.Popen, i
     raise RuntimeError("pgsidecar did not start listening")
 
 
-def _read_drops(path: str) -> list[dict]:
+def _read_drops(path: str) -> list[dict[str, Any]]:
     if not os.path.exists(path):
         return []
     with open(path) as fh:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def _wait_drops(path: str, count: int, timeout: float = 15.0) -> list[dict]:
+def _wait_drops(path: str, count: int, timeout: float = 15.0) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     drops = _read_drops(path)
     while len(drops) < count and time.monotonic() < deadline:
@@ -199,9 +239,13 @@ def run_demo(root: str) -> int:
         _say(f"  PostgreSQL  {cluster.bindir}  port {cluster.port}  (ssl=on, scram-sha-256)")
         sidecar, port, drop_log = _start_sidecar(cluster, root)
         _say(f"  pgsidecar   127.0.0.1:{port} -> localhost:{cluster.port} (sslmode=verify-full)\n")
-        _admin_sql(cluster, "CREATE TABLE demo_events (id bigserial PRIMARY KEY, app text, at timestamptz DEFAULT now())")
-        via = DemoApp("sidecar", f"host=127.0.0.1 port={port} user=postgres dbname=postgres "
-                                 f"password={cluster.password} sslmode=require")
+        _admin_sql(
+            cluster, "CREATE TABLE demo_events (id bigserial PRIMARY KEY, app text, at timestamptz DEFAULT now())"
+        )
+        via = DemoApp(
+            "sidecar",
+            f"host=127.0.0.1 port={port} user=postgres dbname=postgres password={cluster.password} sslmode=require",
+        )
         direct = DemoApp("direct", cluster.dsn())
         _say(f"  request 0: via pgsidecar: {via.request():<30} direct: {direct.request()}")
         seen = 0
@@ -214,8 +258,10 @@ def run_demo(root: str) -> int:
             _say(f"  request {number}: via pgsidecar: {via.request():<30} direct: {direct.request()}")
             for record in drops[seen:]:
                 rec = record.get("reconnect") or {}
-                _say(f"  pgsidecar saw the drop: cause={record['cause']}, idle {record['idle_s']:.1f}s, "
-                     f"reconnected in {rec.get('duration_s', 0):.2f}s, impact: {record['impact']}")
+                _say(
+                    f"  pgsidecar saw the drop: cause={record['cause']}, idle {record['idle_s']:.1f}s, "
+                    f"reconnected in {rec.get('duration_s', 0):.2f}s, impact: {record['impact']}"
+                )
             seen = len(drops)
         _say("\nresult")
         _say(f"  app through pgsidecar: {via.requests} requests, {len(via.errors)} errors")
@@ -234,7 +280,7 @@ def run_demo(root: str) -> int:
         cluster.destroy()
 
 
-def main(args) -> int:
+def main(args: argparse.Namespace) -> int:
     try:
         import psycopg2  # noqa: F401 - the demo's app is the psycopg2 app of our users' stories
     except ImportError:

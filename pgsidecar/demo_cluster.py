@@ -17,6 +17,7 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -40,12 +41,14 @@ def find_bindir() -> str:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def make_certs(directory: str) -> tuple[str, str, str]:
@@ -53,23 +56,40 @@ def make_certs(directory: str) -> tuple[str, str, str]:
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pgsidecar demo CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     key = ec.generate_private_key(ec.SECP256R1())
     sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    paths = (os.path.join(directory, "ca.crt"), os.path.join(directory, "server.crt"),
-             os.path.join(directory, "server.key"))
-    for path, data in zip(paths, (ca.public_bytes(serialization.Encoding.PEM),
-                                  cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))):
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = (
+        os.path.join(directory, "ca.crt"),
+        os.path.join(directory, "server.crt"),
+        os.path.join(directory, "server.key"),
+    )
+    for path, data in zip(
+        paths,
+        (ca.public_bytes(serialization.Encoding.PEM), cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)),
+        strict=True,
+    ):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -96,10 +116,19 @@ class DemoCluster:
     def ca(self) -> str:
         return os.path.join(self.root, "ca.crt")
 
-    def _run(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
+    def _run(self, argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
         user = "nobody" if os.geteuid() == 0 else None
-        return subprocess.run(argv, user=user, group="nogroup" if user else None, extra_groups=[] if user else None,
-                              capture_output=True, text=True, timeout=120, cwd=self.root, **kw)
+        return subprocess.run(
+            argv,
+            user=user,
+            group="nogroup" if user else None,
+            extra_groups=[] if user else None,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=self.root,
+            **kw,
+        )
 
     def create(self) -> None:
         os.chmod(self.root, 0o755)
@@ -113,8 +142,20 @@ class DemoCluster:
             fh.write(self.password + "\n")
         if os.geteuid() == 0:
             shutil.chown(pwfile, "nobody", "nogroup")
-        out = self._run([os.path.join(self.bindir, "initdb"), "-D", self.datadir, "-U", "postgres",
-                         "--auth=scram-sha-256", f"--pwfile={pwfile}", "--no-sync", "-E", "UTF8"])
+        out = self._run(
+            [
+                os.path.join(self.bindir, "initdb"),
+                "-D",
+                self.datadir,
+                "-U",
+                "postgres",
+                "--auth=scram-sha-256",
+                f"--pwfile={pwfile}",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ]
+        )
         if out.returncode != 0:
             raise RuntimeError(f"initdb failed: {out.stderr.strip()}")
         with open(os.path.join(self.datadir, "postgresql.conf"), "a") as fh:
@@ -128,24 +169,55 @@ class DemoCluster:
         self.start()
 
     def start(self) -> None:
-        out = self._run([os.path.join(self.bindir, "pg_ctl"), "-D", self.datadir, "-l",
-                         os.path.join(self.root, "server.log"), "-w", "-t", "60", "start"])
+        out = self._run(
+            [
+                os.path.join(self.bindir, "pg_ctl"),
+                "-D",
+                self.datadir,
+                "-l",
+                os.path.join(self.root, "server.log"),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ]
+        )
         if out.returncode != 0:
             raise RuntimeError(f"PostgreSQL did not start: {out.stderr.strip() or out.stdout.strip()}")
         with open(os.path.join(self.datadir, "postmaster.pid")) as fh:
             self.pid = int(fh.readline())
 
     def restart(self, mode: str) -> None:
-        out = self._run([os.path.join(self.bindir, "pg_ctl"), "-D", self.datadir, "-m", mode, "-w", "-t", "60",
-                         "-l", os.path.join(self.root, "server.log"), "restart"])
+        out = self._run(
+            [
+                os.path.join(self.bindir, "pg_ctl"),
+                "-D",
+                self.datadir,
+                "-m",
+                mode,
+                "-w",
+                "-t",
+                "60",
+                "-l",
+                os.path.join(self.root, "server.log"),
+                "restart",
+            ]
+        )
         if out.returncode != 0:
             raise RuntimeError(f"restart failed: {out.stderr.strip()}")
         with open(os.path.join(self.datadir, "postmaster.pid")) as fh:
             self.pid = int(fh.readline())
 
     def dsn(self, **extra: str) -> str:
-        parts = {"host": "localhost", "port": str(self.port), "user": "postgres", "dbname": "postgres",
-                 "password": self.password, "sslmode": "verify-full", "sslrootcert": self.ca}
+        parts = {
+            "host": "localhost",
+            "port": str(self.port),
+            "user": "postgres",
+            "dbname": "postgres",
+            "password": self.password,
+            "sslmode": "verify-full",
+            "sslrootcert": self.ca,
+        }
         parts.update(extra)
         return " ".join(f"{k}={v}" for k, v in parts.items())
 

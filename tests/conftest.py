@@ -1,3 +1,5 @@
+from __future__ import annotations
+
 pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.sidecar",

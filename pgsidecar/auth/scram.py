@@ -27,8 +27,8 @@ __all__ = [
     "SCRAM_SHA_256",
     "SCRAM_SHA_256_PLUS",
     "ScramClient",
-    "ScramServer",
     "ScramSecret",
+    "ScramServer",
     "saslprep_password",
     "tls_server_end_point",
 ]
@@ -44,10 +44,17 @@ _MAX_ITERATIONS = 2**31 - 1  # scram_iterations is an int GUC
 # --- SASLprep, as PostgreSQL's src/common/saslprep.c does it ---
 
 _PROHIBITED: tuple[Callable[[str], bool], ...] = (
-    stringprep.in_table_c12, stringprep.in_table_c21, stringprep.in_table_c22,
-    stringprep.in_table_c3, stringprep.in_table_c4, stringprep.in_table_c5,
-    stringprep.in_table_c6, stringprep.in_table_c7, stringprep.in_table_c8,
-    stringprep.in_table_c9, stringprep.in_table_a1,
+    stringprep.in_table_c12,
+    stringprep.in_table_c21,
+    stringprep.in_table_c22,
+    stringprep.in_table_c3,
+    stringprep.in_table_c4,
+    stringprep.in_table_c5,
+    stringprep.in_table_c6,
+    stringprep.in_table_c7,
+    stringprep.in_table_c8,
+    stringprep.in_table_c9,
+    stringprep.in_table_a1,
 )
 
 
@@ -63,11 +70,7 @@ def saslprep_password(password: str) -> bytes:
         password.encode("utf-8")
     except UnicodeEncodeError:  # surrogate-escaped bytes: not valid UTF-8
         return raw
-    mapped = "".join(
-        " " if stringprep.in_table_c12(c) else c
-        for c in password
-        if not stringprep.in_table_b1(c)
-    )
+    mapped = "".join(" " if stringprep.in_table_c12(c) else c for c in password if not stringprep.in_table_b1(c))
     if not mapped:
         return raw
     if any(check(c) for c in mapped for check in _PROHIBITED):
@@ -118,8 +121,9 @@ def _saslname(user: str) -> bytes:
     return user.replace("=", "=3D").replace(",", "=2C").encode("utf-8", "surrogateescape")
 
 
-def _attributes(message: bytes, names: str, error: type[ProtocolError],
-                what: str, *, extra_ok: bool = False) -> list[str]:
+def _attributes(
+    message: bytes, names: str, error: type[ProtocolError], what: str, *, extra_ok: bool = False
+) -> list[str]:
     """The values of the comma-separated ``k=v`` attributes ``names``, in that order."""
     try:
         parts = bytes(message).decode("utf-8").split(",")
@@ -148,15 +152,13 @@ class ScramSecret:
     server_key: bytes
 
     @classmethod
-    def from_password(cls, password: str, *, iterations: int = DEFAULT_ITERATIONS,
-                      salt: bytes | None = None) -> Self:
+    def from_password(cls, password: str, *, iterations: int = DEFAULT_ITERATIONS, salt: bytes | None = None) -> Self:
         if not 0 < iterations <= _MAX_ITERATIONS:
             raise ValueError(f"SCRAM iteration count {iterations} is out of range")
         salt = secrets.token_bytes(_SALT_BYTES) if salt is None else salt
         salted = hashlib.pbkdf2_hmac("sha256", saslprep_password(password), salt, iterations)
         client_key = _hmac(salted, b"Client Key")
-        return cls(iterations, salt, hashlib.sha256(client_key).digest(),
-                   _hmac(salted, b"Server Key"))
+        return cls(iterations, salt, hashlib.sha256(client_key).digest(), _hmac(salted, b"Server Key"))
 
     @classmethod
     def parse(cls, text: str) -> Self:
@@ -165,19 +167,25 @@ class ScramSecret:
             method, params, keys = text.split("$")
             iterations, salt = params.split(":")
             stored, server = keys.split(":")
-            secret = cls(int(iterations), base64.b64decode(salt, validate=True),
-                         base64.b64decode(stored, validate=True),
-                         base64.b64decode(server, validate=True))
+            secret = cls(
+                int(iterations),
+                base64.b64decode(salt, validate=True),
+                base64.b64decode(stored, validate=True),
+                base64.b64decode(server, validate=True),
+            )
         except (ValueError, binascii.Error):
             raise ValueError("not a SCRAM-SHA-256 secret") from None
-        if method != SCRAM_SHA_256 or len(secret.stored_key) != 32 or \
-                len(secret.server_key) != 32 or not 0 < secret.iterations <= _MAX_ITERATIONS:
+        if (
+            method != SCRAM_SHA_256
+            or len(secret.stored_key) != 32
+            or len(secret.server_key) != 32
+            or not 0 < secret.iterations <= _MAX_ITERATIONS
+        ):
             raise ValueError("not a SCRAM-SHA-256 secret")
         return secret
 
     def __str__(self) -> str:
-        salt, stored, server = (_b64(x).decode("ascii")
-                                for x in (self.salt, self.stored_key, self.server_key))
+        salt, stored, server = (_b64(x).decode("ascii") for x in (self.salt, self.stored_key, self.server_key))
         return f"{SCRAM_SHA_256}${self.iterations}:{salt}${stored}:{server}"
 
 
@@ -188,8 +196,15 @@ class ScramClient:
     the connection has no TLS or the hash cannot be computed (Ed25519 certificates).
     """
 
-    def __init__(self, user: str, password: str, *, mechanisms: Sequence[str],
-                 channel_binding: bytes | None = None, nonce: str | None = None) -> None:
+    def __init__(
+        self,
+        user: str,
+        password: str,
+        *,
+        mechanisms: Sequence[str],
+        channel_binding: bytes | None = None,
+        nonce: str | None = None,
+    ) -> None:
         offered = tuple(mechanisms)
         if channel_binding is not None and SCRAM_SHA_256_PLUS in offered:
             self._mechanism = SCRAM_SHA_256_PLUS
@@ -202,11 +217,14 @@ class ScramClient:
             gs2 = b"y,," if channel_binding is not None else b"n,,"
             self._cbind_input = gs2
         else:
-            reason = (" (SCRAM-SHA-256-PLUS needs TLS channel binding data, which is missing)"
-                      if SCRAM_SHA_256_PLUS in offered else "")
+            reason = (
+                " (SCRAM-SHA-256-PLUS needs TLS channel binding data, which is missing)"
+                if SCRAM_SHA_256_PLUS in offered
+                else ""
+            )
             raise ServerProtocolError(
-                f"server offered no SASL mechanism pgsidecar supports: {list(offered)}{reason}",
-                sqlstate="08001")
+                f"server offered no SASL mechanism pgsidecar supports: {list(offered)}{reason}", sqlstate="08001"
+            )
         self._gs2 = gs2
         self._nonce = _check_nonce(nonce if nonce is not None else _new_nonce())
         self._password = saslprep_password(password)
@@ -238,8 +256,7 @@ class ScramClient:
         """Answer AuthenticationSASLContinue's server-first-message with the client-final."""
         if self._state != "first":
             raise ServerProtocolError("unexpected AuthenticationSASLContinue")
-        nonce, salt_b64, iterations_text = _attributes(
-            server_first, "rsi", ServerProtocolError, "server-first-message")
+        nonce, salt_b64, iterations_text = _attributes(server_first, "rsi", ServerProtocolError, "server-first-message")
         if len(nonce) <= len(self._nonce) or not nonce.startswith(self._nonce):
             raise ServerProtocolError("invalid SCRAM response: nonce mismatch")
         salt = _unb64(salt_b64, ServerProtocolError, "salt")
@@ -264,14 +281,13 @@ class ScramClient:
         text = bytes(server_final)
         if text.startswith(b"e="):
             reason = text[2:].decode("utf-8", "replace")
-            raise ServerProtocolError(f"server rejected SCRAM authentication: {reason}",
-                                      sqlstate="28000")
+            raise ServerProtocolError(f"server rejected SCRAM authentication: {reason}", sqlstate="28000")
         (signature_b64,) = _attributes(text, "v", ServerProtocolError, "server-final-message")
         signature = _unb64(signature_b64, ServerProtocolError, "server signature")
         if not hmac.compare_digest(signature, self._server_signature):
             raise ServerProtocolError(
-                "invalid SCRAM server signature: the server does not know the password",
-                sqlstate="28000")
+                "invalid SCRAM server signature: the server does not know the password", sqlstate="28000"
+            )
         self._state = "done"
 
 
@@ -282,8 +298,14 @@ class ScramServer:
     #: What to put in AuthenticationSASL.
     mechanisms: tuple[str, ...] = (SCRAM_SHA_256,)
 
-    def __init__(self, password: str, *, iterations: int = DEFAULT_ITERATIONS,
-                 salt: bytes | None = None, nonce: str | None = None) -> None:
+    def __init__(
+        self,
+        password: str,
+        *,
+        iterations: int = DEFAULT_ITERATIONS,
+        salt: bytes | None = None,
+        nonce: str | None = None,
+    ) -> None:
         self._init(ScramSecret.from_password(password, iterations=iterations, salt=salt), nonce)
 
     @classmethod
@@ -318,16 +340,15 @@ class ScramServer:
         data = bytes(client_first)
         flag = data[:1]
         if flag == b"p":
-            raise ClientProtocolError("channel binding is not supported by pgsidecar's SCRAM "
-                                      "server; use SCRAM-SHA-256")
+            raise ClientProtocolError("channel binding is not supported by pgsidecar's SCRAM server; use SCRAM-SHA-256")
         if flag not in (b"n", b"y") or data[1:2] != b",":
             raise ClientProtocolError("malformed SCRAM message: bad GS2 header")
         if data[2:3] != b",":
-            raise ClientProtocolError("client uses authorization identity, which is not "
-                                      "supported", sqlstate="0A000")
+            raise ClientProtocolError("client uses authorization identity, which is not supported", sqlstate="0A000")
         self._gs2, self._first_bare = data[:3], data[3:]
-        _user, client_nonce = _attributes(self._first_bare, "nr", ClientProtocolError,
-                                          "client-first-message", extra_ok=True)
+        _user, client_nonce = _attributes(
+            self._first_bare, "nr", ClientProtocolError, "client-first-message", extra_ok=True
+        )
         try:
             _check_nonce(client_nonce)
         except ValueError:
@@ -346,9 +367,8 @@ class ScramServer:
         cut = data.rfind(b",p=")
         if cut < 0:
             raise ClientProtocolError("malformed SCRAM message: client-final-message has no proof")
-        without_proof, proof_b64 = data[:cut], data[cut + 3:]
-        cbind, nonce = _attributes(without_proof, "cr", ClientProtocolError,
-                                   "client-final-message", extra_ok=True)
+        without_proof, proof_b64 = data[:cut], data[cut + 3 :]
+        cbind, nonce = _attributes(without_proof, "cr", ClientProtocolError, "client-final-message", extra_ok=True)
         if _unb64(cbind, ClientProtocolError, "channel binding") != self._gs2:
             raise ClientProtocolError("SCRAM channel binding check failed")
         if nonce != self._nonce:
@@ -357,7 +377,8 @@ class ScramServer:
         auth_message = b",".join((self._first_bare, self._server_first, without_proof))
         client_signature = _hmac(self._secret.stored_key, auth_message)
         if len(proof) != len(client_signature) or not hmac.compare_digest(
-                hashlib.sha256(_xor(proof, client_signature)).digest(), self._secret.stored_key):
+            hashlib.sha256(_xor(proof, client_signature)).digest(), self._secret.stored_key
+        ):
             self._state = "failed"
             raise ClientProtocolError("password authentication failed", sqlstate="28P01")
         self._state = "done"
@@ -406,7 +427,7 @@ def _der(data: bytes, pos: int, end: int, tag: int | None = None) -> tuple[int, 
         count = length & 0x7F
         if not 0 < count <= 4 or pos + count > end:
             raise ValueError("certificate DER has a bad length")
-        length = int.from_bytes(data[pos:pos + count], "big")
+        length = int.from_bytes(data[pos : pos + count], "big")
         pos += count
     if pos + length > end:
         raise ValueError("certificate DER is truncated")

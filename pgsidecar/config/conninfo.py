@@ -122,7 +122,7 @@ def parse_conninfo(dsn: str, env: Mapping[str, str]) -> UpstreamTarget:
     A host is required (from the string or PGHOST); a unix socket directory starts with '/'.
     """
     values = parse_uri(dsn) if dsn.startswith(URI_PREFIXES) else parse_keyword_value(dsn)
-    sources: dict[str, str | None] = {k: None for k in values}
+    sources: dict[str, str | None] = dict.fromkeys(values)
     for keyword, variable in PG_ENVIRONMENT.items():
         if keyword not in values and env.get(variable):
             values[keyword] = env[variable]
@@ -134,9 +134,7 @@ def _check_keyword(keyword: str, *, in_uri: bool) -> None:
     if keyword in PG_ENVIRONMENT or keyword in _IGNORED:
         return
     if keyword in _UNSUPPORTED:
-        raise ConninfoError(
-            f'connection option "{keyword}" is not supported by pgsidecar', keyword=keyword
-        )
+        raise ConninfoError(f'connection option "{keyword}" is not supported by pgsidecar', keyword=keyword)
     if in_uri:
         raise ConninfoError(f'invalid URI query parameter: "{keyword}"', keyword=keyword)
     raise ConninfoError(f'invalid connection option "{keyword}"', keyword=keyword)
@@ -185,9 +183,7 @@ def _read_value(text: str, i: int) -> tuple[str, int]:
             if i + 1 < n:
                 out.append(text[i + 1])
             i += 2
-        elif quoted and c == "'":
-            return "".join(out), i + 1
-        elif not quoted and c in _BLANKS:
+        elif (quoted and c == "'") or (not quoted and c in _BLANKS):
             return "".join(out), i + 1
         else:
             out.append(c)
@@ -235,18 +231,14 @@ def _split_hosts(rest: str) -> tuple[list[str], list[str], str]:
         if rest.startswith("["):
             end = rest.find("]")
             if end < 0:
-                raise ConninfoError(
-                    'end of string reached when looking for matching "]" in IPv6 host address '
-                    "in URI"
-                )
+                raise ConninfoError('end of string reached when looking for matching "]" in IPv6 host address in URI')
             if end == 1:
                 raise ConninfoError("IPv6 host address may not be empty in URI")
             hosts.append(rest[1:end])
             i = end + 1
             if i < len(rest) and rest[i] not in ":/?,":
                 raise ConninfoError(
-                    f'unexpected character "{rest[i]}" after IPv6 host address in URI '
-                    '(expected ":" or "/")'
+                    f'unexpected character "{rest[i]}" after IPv6 host address in URI (expected ":" or "/")'
                 )
         else:
             i = _end_of(rest, 0, ":/?,")
@@ -274,9 +266,7 @@ def _parse_query(query: str) -> dict[str, str]:
     values: dict[str, str] = {}
     for item in query.split("&") if query else []:
         if item.count("=") > 1:
-            raise ConninfoError(
-                f'extra key/value separator "=" in URI query parameter: "{item.split("=")[0]}"'
-            )
+            raise ConninfoError(f'extra key/value separator "=" in URI query parameter: "{item.split("=")[0]}"')
         if "=" not in item:
             raise ConninfoError(f'missing key/value separator "=" in URI query parameter: "{item}"')
         raw_key, _, raw_value = item.partition("=")
@@ -397,8 +387,7 @@ def _connect_timeout(value: str | None, fail: _Fail) -> float | None:
         seconds = int(value.strip())
     except ValueError:
         raise fail(
-            "connect_timeout", f'invalid integer value "{value}" for connection option '
-            '"connect_timeout"'
+            "connect_timeout", f'invalid integer value "{value}" for connection option "connect_timeout"'
         ) from None
     if seconds <= 0:
         return None

@@ -95,7 +95,11 @@ class _Setting:
 # ---------------------------------------------------------------- value parsers
 
 _DURATION_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|min|m|h)?\s*")
-_DURATION_UNITS = {"ms": Fraction(1, 1000), "s": 1, "m": 60, "min": 60, "h": 3600}
+_DURATION_UNITS: dict[str, int | Fraction] = {"ms": Fraction(1, 1000), "s": 1, "m": 60, "min": 60, "h": 3600}
+# A look back over drop logs (`pgsidecar drops --since 2d`) also counts in days and weeks, in any
+# case, and adds up parts (`1h30m`); a setting stays one number and one unit.
+_WINDOW_PART_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|sec|min|[smhdw])?", re.IGNORECASE)
+_WINDOW_UNITS = {**_DURATION_UNITS, "sec": 1, "d": 86400, "w": 604800}
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]+)?\s*")
 _SIZE_UNITS = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40}
 _DURATION_HINT = "expected a duration like 10s, 250ms, 5m"
@@ -124,9 +128,24 @@ def _number(value: Any, pattern: re.Pattern[str], units: Mapping[str, Any], hint
     return Fraction(number) * factor
 
 
-def parse_duration(value: Any) -> float:
-    """`10s`, `250ms`, `5m`, `1h`, or a plain number of seconds -> seconds; ValueError if not."""
-    return float(_number(value, _DURATION_RE, _DURATION_UNITS, _DURATION_HINT))
+def parse_duration(value: Any, *, window: bool = False) -> float:
+    """`10s`, `250ms`, `5m`, `1h`, or a plain number of seconds -> seconds; ValueError if not.
+
+    `window`: a span of time back from now, as `pgsidecar drops --since` reads it: also `d` and
+    `w`, units in any case, and a sum of parts such as `1h30m`."""
+    if not window:
+        return float(_number(value, _DURATION_RE, _DURATION_UNITS, _DURATION_HINT))
+    text = value.strip() if isinstance(value, str) else ""
+    total, pos = Fraction(0), 0
+    for match in _WINDOW_PART_RE.finditer(text):
+        if match.start() != pos:
+            break
+        number, unit = match.groups()
+        total += Fraction(number) * _WINDOW_UNITS[(unit or "s").lower()]
+        pos = match.end()
+    if not text or pos != len(text):
+        raise _Invalid(f"expected a duration like 24h, 90m, 1h30m, 2d; got {value!r}")
+    return float(total)
 
 
 def parse_size(value: Any) -> int:
@@ -191,9 +210,7 @@ def _user_timeout(value: Any) -> float | None:
         return None
     seconds = parse_duration(value)
     if seconds <= 0:
-        raise _Invalid(
-            f"must be more than 0 (leave unset to derive it from keepalive); got {value!r}"
-        )
+        raise _Invalid(f"must be more than 0 (leave unset to derive it from keepalive); got {value!r}")
     return seconds
 
 
@@ -211,9 +228,7 @@ def _bounds(minimum: int, maximum: int | None) -> str:
     return f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
 
 
-def _integer(
-    *, minimum: int, maximum: int | None = None, what: str = "an integer", out_of_range: str = ""
-) -> Parser:
+def _integer(*, minimum: int, maximum: int | None = None, what: str = "an integer", out_of_range: str = "") -> Parser:
     def parse(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int | str):
             raise _Invalid(f"expected {what}; got {value!r}")
@@ -228,9 +243,7 @@ def _integer(
     return parse
 
 
-def _boolean(
-    *, extra_true: frozenset[str] = frozenset(), extra_false: frozenset[str] = frozenset()
-) -> Parser:
+def _boolean(*, extra_true: frozenset[str] = frozenset(), extra_false: frozenset[str] = frozenset()) -> Parser:
     def parse(value: Any) -> bool:
         if isinstance(value, bool):
             return value
@@ -276,7 +289,7 @@ def _text(*, optional: bool, secret: bool = False) -> Parser:
 
 
 def _absolute_dir(value: Any) -> str | None:
-    path = _text(optional=True)(value)
+    path: str | None = _text(optional=True)(value)
     if path is not None and not path.startswith("/"):
         raise _Invalid(f"expected an absolute directory path; got {value!r}")
     return path
@@ -286,7 +299,8 @@ def _off_or_text(value: Any) -> str | None:
     """For settings where None turns a feature off: null, false, `off`, `none` or empty."""
     if _is_off(value):
         return None
-    return _text(optional=True)(value)
+    text: str | None = _text(optional=True)(value)
+    return text
 
 
 def _host_port(value: Any) -> str | None:
@@ -350,9 +364,7 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("auth.client_auth", "auth", "client_auth", _choice(CLIENT_AUTH_MODES)),
     _Setting("auth.client_password", "auth", "client_password", _text(optional=True, secret=True)),
     _Setting("reconnect.deadline", "reconnect", "deadline_s", _duration()),
-    _Setting(
-        "reconnect.backoff_initial", "reconnect", "backoff_initial_s", _duration(positive=True)
-    ),
+    _Setting("reconnect.backoff_initial", "reconnect", "backoff_initial_s", _duration(positive=True)),
     _Setting("reconnect.backoff_max", "reconnect", "backoff_max_s", _duration(positive=True)),
     _Setting("reconnect.max_concurrent", "reconnect", "max_concurrent", _integer(minimum=1)),
     _Setting(
@@ -403,12 +415,10 @@ class _StrictLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate keys: PyYAML would silently keep the last one."""
 
 
-def _construct_mapping(
-    loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False
-) -> dict[Any, Any]:
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node, deep=True)
         if key in seen:
             line = key_node.start_mark.line + 1
             raise ConfigError("config", f"duplicate key {key!r} at line {line}")
@@ -441,9 +451,7 @@ def _read_yaml(path: str) -> _Raw:
     if document is None:
         return {}
     if not isinstance(document, dict):
-        raise ConfigError(
-            "config", f"{path}: expected a mapping of settings at the top; got {document!r}"
-        )
+        raise ConfigError("config", f"{path}: expected a mapping of settings at the top; got {document!r}")
     raw: _Raw = {}
     _flatten(document, "", raw)
     return raw
@@ -480,9 +488,7 @@ def unknown_env(env: Mapping[str, str]) -> tuple[str, ...]:
     """The PGSIDECAR_* names in `env` that are no setting (and not PGSIDECAR_CONFIG), sorted."""
     return tuple(
         sorted(
-            name
-            for name in env
-            if name.startswith(ENV_PREFIX) and name not in _BY_ENV and name not in _RESERVED_ENV
+            name for name in env if name.startswith(ENV_PREFIX) and name not in _BY_ENV and name not in _RESERVED_ENV
         )
     )
 
@@ -527,9 +533,7 @@ def _read_overrides(overrides: Mapping[str, str]) -> _Raw:
 # ---------------------------------------------------------------- assembly
 
 
-def load_config(
-    *, path: str | None, env: Mapping[str, str], overrides: Mapping[str, str]
-) -> Config:
+def load_config(*, path: str | None, env: Mapping[str, str], overrides: Mapping[str, str]) -> Config:
     """The effective Config: overrides > PGSIDECAR_* env > YAML at `path` (or $PGSIDECAR_CONFIG)
     > defaults. The upstream comes from `upstream.dsn` and the PG* variables in `env`, as libpq
     reads them. Raises ConfigError naming the key path at fault. Unknown PGSIDECAR_* variables
@@ -549,9 +553,7 @@ def load_config(
     target = _upstream_target(fields["upstream"].pop("dsn", None), env)
     config = Config(
         listen=ListenConfig(**fields["listen"]),
-        upstream=UpstreamConfig(
-            target=target, keepalive=KeepaliveConfig(**fields["keepalive"]), **fields["upstream"]
-        ),
+        upstream=UpstreamConfig(target=target, keepalive=KeepaliveConfig(**fields["keepalive"]), **fields["upstream"]),
         auth=_auth(AuthConfig(**fields["auth"]), target),
         reconnect=ReconnectConfig(**fields["reconnect"]),
         relay=RelayConfig(**fields["relay"]),
@@ -579,9 +581,7 @@ def _auth(auth: AuthConfig, target: UpstreamTarget) -> AuthConfig:
     in `configured` mode, credentials not set under auth.* come from the upstream DSN / PG*."""
     if auth.password_file is not None:
         if auth.password is not None:
-            raise ConfigError(
-                "auth.password_file", "set auth.password or auth.password_file, not both"
-            )
+            raise ConfigError("auth.password_file", "set auth.password or auth.password_file, not both")
         try:
             with open(auth.password_file, encoding="utf-8") as handle:
                 secret = handle.read().rstrip("\r\n")
@@ -593,19 +593,14 @@ def _auth(auth: AuthConfig, target: UpstreamTarget) -> AuthConfig:
             raise ConfigError("auth.password_file", f"{auth.password_file} is empty")
         auth = dataclasses.replace(auth, password=secret)
     if auth.mode == "configured":
-        auth = dataclasses.replace(
-            auth, user=auth.user or target.user, password=auth.password or target.password
-        )
+        auth = dataclasses.replace(auth, user=auth.user or target.user, password=auth.password or target.password)
         if auth.user is None:
             raise ConfigError(
                 "auth.user",
-                "auth.mode is configured but no user is set "
-                "(auth.user, or user in upstream.dsn / PGUSER)",
+                "auth.mode is configured but no user is set (auth.user, or user in upstream.dsn / PGUSER)",
             )
     if auth.client_auth == "scram" and auth.client_password is None:
-        raise ConfigError(
-            "auth.client_password", "auth.client_auth is scram but auth.client_password is not set"
-        )
+        raise ConfigError("auth.client_password", "auth.client_auth is scram but auth.client_password is not set")
     return auth
 
 
@@ -621,8 +616,7 @@ def _check(config: Config) -> None:
     if relay.low_water_bytes > relay.high_water_bytes:
         raise ConfigError(
             "relay.low_water",
-            f"must not exceed relay.high_water ({relay.high_water_bytes} bytes); "
-            f"got {relay.low_water_bytes} bytes",
+            f"must not exceed relay.high_water ({relay.high_water_bytes} bytes); got {relay.low_water_bytes} bytes",
         )
     if reconnect.backoff_initial_s > reconnect.backoff_max_s:
         raise ConfigError(

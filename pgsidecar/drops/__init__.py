@@ -1,6 +1,7 @@
 """Drop forensics, pure: classify why an upstream connection ended, record it, report on records.
 
-No sockets, no clocks: times arrive as epoch floats inside the evidence (DESIGN "Drop records").
+No sockets, no clocks: times arrive as epoch floats inside the evidence (docs/architecture.md,
+"The drop path").
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The closed vocabulary of drop causes, each with a short phrase and a concrete remedy.
 
-Records carry a cause from this enum, never free prose (DESIGN "Style" 6): the analyzer can
+Records carry a cause from this enum, never free prose (docs/architecture.md, Style 6): the analyzer can
 count them, and the hint can be templated with the facts of one drop (`hint_for`).
-Facts about servers, poolers and middleboxes: ../shared/reference/drops.md.
+Facts about servers, poolers and middleboxes: docs/drops.md.
 """
 
 from __future__ import annotations
@@ -87,8 +87,7 @@ _HINTS: dict[DropCause, str] = {
         " commit or roll back sooner, or raise that setting"
     ),
     DropCause.TRANSACTION_TIMEOUT: (
-        "a transaction ran longer than transaction_timeout: shorten the transaction or raise"
-        " that setting"
+        "a transaction ran longer than transaction_timeout: shorten the transaction or raise that setting"
     ),
     DropCause.PATH_IDLE_TIMEOUT: (
         "a load balancer or NAT between you and the server forgets idle flows: keep"
@@ -117,8 +116,7 @@ _HINTS: dict[DropCause, str] = {
         " set it (ALTER SYSTEM / DATABASE / ROLE) or whether a storage-full guard did"
     ),
     DropCause.TLS_ERROR: (
-        "the TLS session failed: check ssl_min_protocol_version, ciphers and the certificates"
-        " on both sides"
+        "the TLS session failed: check ssl_min_protocol_version, ciphers and the certificates on both sides"
     ),
     DropCause.CERTIFICATE_ROTATED: (
         "the server certificate was replaced: make sure sslrootcert trusts the new issuer"
@@ -128,13 +126,8 @@ _HINTS: dict[DropCause, str] = {
         "the server was out of connection slots (53300): raise max_connections or lower the"
         " number of clients per sidecar"
     ),
-    DropCause.UPSTREAM_POOLER: (
-        "an upstream pooler ended the connection: check the pooler's log and its timeouts"
-    ),
-    DropCause.UNKNOWN: (
-        "the server closed the connection without saying why: look at the server log around"
-        " that time"
-    ),
+    DropCause.UPSTREAM_POOLER: ("an upstream pooler ended the connection: check the pooler's log and its timeouts"),
+    DropCause.UNKNOWN: ("the server closed the connection without saying why: look at the server log around that time"),
 }
 
 
@@ -176,13 +169,10 @@ def hint_for(cause: DropCause, facts: Mapping[str, object]) -> str:
         )
     if cause is DropCause.UNKNOWN and facts.get("message"):
         code = f" {facts['sqlstate']}" if facts.get("sqlstate") else ""
-        return (
-            f'the server said{code} "{facts["message"]}": look at the server log around that time'
-        )
+        return f'the server said{code} "{facts["message"]}": look at the server log around that time'
     if cause is DropCause.NETWORK_TIMEOUT and facts.get("errno_name") in _UNREACHABLE:
         return (
-            f"the server became unreachable ({facts['errno_name']}): check routes, security"
-            " groups and the server host"
+            f"the server became unreachable ({facts['errno_name']}): check routes, security groups and the server host"
         )
     return _HINTS[cause]
 
@@ -196,10 +186,7 @@ def _path_idle_hint(facts: Mapping[str, object]) -> str:
     base = _HINTS[DropCause.PATH_IDLE_TIMEOUT]
     if idle is None:
         return base
-    if keepalive is None:
-        now = "keepalives are off on this path"
-    else:
-        now = f"upstream.keepalive.idle is {keepalive:g} s now"
+    now = "keepalives are off on this path" if keepalive is None else f"upstream.keepalive.idle is {keepalive:g} s now"
     return (
         f"a load balancer or NAT between you and the server forgot the flow after about"
         f" {idle:.0f} s idle ({now}): set upstream.keepalive.idle well below that"

@@ -1,7 +1,7 @@
 """Why did the upstream connection end? A pure function of the evidence the runtime collected.
 
 The runtime records facts (what the socket said, timings, what the reconnect found) and calls
-`classify`; it never decides. Facts: ../shared/reference/drops.md; server texts from PostgreSQL's
+`classify`; it never decides. Facts: docs/drops.md; server texts from PostgreSQL's
 `src/backend/tcop/postgres.c` (ProcessInterrupts) and `postmaster.c`; pooler texts from
 PgBouncer's `janitor.c`, `objects.c`, `server.c` (checked against PgBouncer 1.18 and master).
 
@@ -63,16 +63,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from pgsidecar.drops.causes import DropCause, hint_for
-
-# SQLSTATEs (PostgreSQL docs, Appendix A "PostgreSQL Error Codes").
-ADMIN_SHUTDOWN = "57P01"
-CRASH_SHUTDOWN = "57P02"
-CANNOT_CONNECT_NOW = "57P03"
-IDLE_SESSION_TIMEOUT = "57P05"
-IDLE_IN_TRANSACTION_TIMEOUT = "25P03"
-TRANSACTION_TIMEOUT = "25P04"
-TOO_MANY_CONNECTIONS = "53300"
-PROTOCOL_VIOLATION = "08P01"
+from pgsidecar.wire import sqlstate
 
 KINDS = frozenset({"fatal", "eof", "reset", "timeout", "unreachable", "tls_error", "other"})
 STATES = frozenset({"idle", "in_transaction", "request_in_flight"})
@@ -219,13 +210,11 @@ POOLER_TEXTS: tuple[PoolerText, ...] = (
     ),
     PoolerText(
         "server shutting down",
-        "PgBouncer was shut down: restart it with SO_REUSEPORT or online restart (-R) and drain"
-        " clients first",
+        "PgBouncer was shut down: restart it with SO_REUSEPORT or online restart (-R) and drain clients first",
     ),
     PoolerText(
         "pooler is shutting down",
-        "PgBouncer was shut down: restart it with SO_REUSEPORT or online restart (-R) and drain"
-        " clients first",
+        "PgBouncer was shut down: restart it with SO_REUSEPORT or online restart (-R) and drain clients first",
     ),
     PoolerText(
         "admin forced disconnect",
@@ -315,13 +304,13 @@ def _msg(obs: Observed) -> str:
 
 
 _TIMEOUT_RULES: tuple[tuple[str, str, DropCause], ...] = (
-    (IDLE_SESSION_TIMEOUT, "idle-session timeout", DropCause.IDLE_SESSION_TIMEOUT),
+    (sqlstate.IDLE_SESSION_TIMEOUT, "idle-session timeout", DropCause.IDLE_SESSION_TIMEOUT),
     (
-        IDLE_IN_TRANSACTION_TIMEOUT,
+        sqlstate.IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
         "idle-in-transaction timeout",
         DropCause.IDLE_IN_TRANSACTION_TIMEOUT,
     ),
-    (TRANSACTION_TIMEOUT, "due to transaction timeout", DropCause.TRANSACTION_TIMEOUT),
+    (sqlstate.TRANSACTION_TIMEOUT, "due to transaction timeout", DropCause.TRANSACTION_TIMEOUT),
 )
 
 
@@ -335,9 +324,9 @@ def _server_timeouts(obs: Observed, said: tuple[str, ...]) -> Found:
     return None
 
 
-def pooler_text(message: str | None, sqlstate: str | None) -> PoolerText | None:
-    """The PgBouncer reason in an ErrorResponse, if it is one (SQLSTATE 08P01 or absent)."""
-    if not message or sqlstate not in (None, PROTOCOL_VIOLATION):
+def pooler_text(message: str | None, code: str | None) -> PoolerText | None:
+    """The PgBouncer reason in an ErrorResponse, if it is one (SQLSTATE `code` 08P01 or absent)."""
+    if not message or code not in (None, sqlstate.PROTOCOL_VIOLATION):
         return None
     low = message.lower()
     for entry in POOLER_TEXTS:
@@ -375,7 +364,7 @@ def _role_change(ev: Evidence, said: tuple[str, ...]) -> Found:
     vanished = any(text in _msg(obs) for text in ("immediate shutdown", "unexpected postmaster exit"))
     if _is_57p01(obs) and not vanished:
         return DropCause.SWITCHOVER, (*said, *found)
-    if first.startswith(CANNOT_CONNECT_NOW) and "shutting down" in first.lower():
+    if first.startswith(sqlstate.CANNOT_CONNECT_NOW) and "shutting down" in first.lower():
         return DropCause.SWITCHOVER, (*said, "reconnect_first_error=57P03", *found)
     return DropCause.FAILOVER, (*said, *found)
 
@@ -383,7 +372,7 @@ def _role_change(ev: Evidence, said: tuple[str, ...]) -> Found:
 def _crash_said(obs: Observed, said: tuple[str, ...]) -> Found:
     """Rule 6: postmaster.c sends 57P02 to every backend when another one crashes."""
     msg = _msg(obs)
-    if obs.sqlstate == CRASH_SHUTDOWN:
+    if obs.sqlstate == sqlstate.CRASH_SHUTDOWN:
         return DropCause.SERVER_CRASH, said
     if "crash of another server process" in msg:
         return DropCause.SERVER_CRASH, (*said, "message~crash of another server process")
@@ -401,7 +390,7 @@ def _certificate(ev: Evidence, said: tuple[str, ...]) -> Found:
 
 
 def _is_57p01(obs: Observed) -> bool:
-    return obs.sqlstate == ADMIN_SHUTDOWN or (
+    return obs.sqlstate == sqlstate.ADMIN_SHUTDOWN or (
         obs.sqlstate is None and "terminating connection due to administrator command" in _msg(obs)
     )
 
@@ -449,8 +438,8 @@ def _restart_signs(r: ReconnectOutcome | None) -> tuple[str, ...]:
         return ("postmaster_start_changed",)
     first = _first_error(r)
     low = first.lower()
-    if first.startswith(CANNOT_CONNECT_NOW) and "recovery mode" not in low:
-        return (f"reconnect_first_error={CANNOT_CONNECT_NOW}",)
+    if first.startswith(sqlstate.CANNOT_CONNECT_NOW) and "recovery mode" not in low:
+        return (f"reconnect_first_error={sqlstate.CANNOT_CONNECT_NOW}",)
     if "econnrefused" in low or "connection refused" in low:
         return ("reconnect_first_error=ECONNREFUSED",)
     return ()
@@ -465,7 +454,7 @@ def _recovery_seen(r: ReconnectOutcome | None) -> tuple[str, ...]:
     if r.in_recovery_seen is True:
         return ("in_recovery_seen",)
     for err in r.errors:
-        if err.startswith(CANNOT_CONNECT_NOW) and "recovery mode" in err.lower():
+        if err.startswith(sqlstate.CANNOT_CONNECT_NOW) and "recovery mode" in err.lower():
             return ("in_recovery_seen",)
     return ()
 
@@ -510,7 +499,7 @@ def _tcp_facts(info: Mapping[str, int | float] | None) -> tuple[str, ...]:
 def _is_too_many(err: str) -> bool:
     low = err.lower()
     return (
-        err.startswith(TOO_MANY_CONNECTIONS)
+        err.startswith(sqlstate.TOO_MANY_CONNECTIONS)
         or "too many clients" in low
         or "too many connections" in low
         or "remaining connection slots" in low
@@ -523,12 +512,7 @@ def _secondary(ev: Evidence, primary: DropCause) -> tuple[DropCause, ...]:
     if r is not None and any(_is_too_many(e) for e in r.errors):
         out.append(DropCause.TOO_MANY_CONNECTIONS)
     moved = primary in (DropCause.FAILOVER, DropCause.SWITCHOVER)  # another server: all differs
-    if (
-        r is not None
-        and r.certificate_changed is True
-        and primary is not DropCause.CERTIFICATE_ROTATED
-        and not moved
-    ):
+    if r is not None and r.certificate_changed is True and primary is not DropCause.CERTIFICATE_ROTATED and not moved:
         out.append(DropCause.CERTIFICATE_ROTATED)
     if r is not None and r.read_only_now is True and not moved:
         out.append(DropCause.SERVER_READ_ONLY)

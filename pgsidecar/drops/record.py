@@ -1,4 +1,4 @@
-"""One drop record: every fact of DESIGN "Drop records", as one JSON line and one log line.
+"""One drop record: every fact gathered about one drop, as one JSON line and one log line.
 
 The writer (observe/droplog.py) appends `to_json()` lines; the reader (`pgsidecar drops`) parses
 them back with `DropRecord.from_json`, tolerant of keys it does not know (newer writers), strict
@@ -154,9 +154,7 @@ class DropRecord:
 
     def to_json(self) -> str:
         """One line, keys in a stable order, no NaN, no trailing newline."""
-        return json.dumps(
-            self.to_dict(), ensure_ascii=False, allow_nan=False, separators=(",", ":")
-        )
+        return json.dumps(self.to_dict(), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, line: str) -> DropRecord:
@@ -192,9 +190,7 @@ class DropRecord:
             cause=_cause(data["cause"], "cause"),
             evidence=tuple(_str_list(data["evidence"], "evidence")),
             hint=_str(data["hint"], "hint"),
-            secondary=tuple(
-                _cause(c, "secondary") for c in _str_list(data.get("secondary", []), "secondary")
-            ),
+            secondary=tuple(_cause(c, "secondary") for c in _str_list(data.get("secondary", []), "secondary")),
             keepalive_idle_s=_opt_float(data.get("keepalive_idle_s"), "keepalive_idle_s"),
             user_timeout_s=_opt_float(data.get("user_timeout_s"), "user_timeout_s"),
             server_before=_snapshot_from_dict(data.get("server_before"), "server_before"),
@@ -250,9 +246,7 @@ def _attempts(n: int) -> str:
 
 def iso_utc(t: float) -> str:
     """Epoch seconds -> '2026-01-02T03:04:05.678Z'."""
-    return (
-        datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    )
+    return datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_time(text: str) -> float:

@@ -3,7 +3,7 @@
 Sections: totals by cause, a timeline, idle ages that cluster at one value (a middlebox idle
 timeout names itself this way), drops at the same moment across sidecars (a server-side event),
 and the hints with their counts. Pure: the caller passes `now`; files are only read.
-Known middlebox timeouts: ../shared/reference/drops.md "Middleboxes that forget idle flows".
+Known middlebox timeouts: docs/drops.md "Managed services and middleboxes".
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import argparse
 import gzip
 import io
 import json
-import re
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -20,6 +19,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any
 
+# The one duration syntax of pgsidecar lives with the configuration (README "Configuration").
+from pgsidecar.config.load import parse_duration as config_duration
 from pgsidecar.drops.causes import DropCause
 from pgsidecar.drops.record import DropRecord, DropRecordError, iso_utc, parse_time
 
@@ -224,20 +225,14 @@ class _InputLines:
 
 # -- time window -----------------------------------------------------------------------------
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(w|d|h|m|min|s|sec)?", re.IGNORECASE)
-_UNIT_S = {"w": 604800.0, "d": 86400.0, "h": 3600.0, "m": 60.0, "min": 60.0, "s": 1.0, "sec": 1.0}
-
 
 def parse_duration(text: str) -> float | None:
-    """'24h', '90m', '1h30m', '45s', '2d', '300' (seconds) -> seconds; None if not a duration."""
-    text = text.strip()
-    pos, total = 0, 0.0
-    for m in _DURATION.finditer(text):
-        if m.start() != pos or not m.group(0):
-            return None
-        total += float(m.group(1)) * _UNIT_S[(m.group(2) or "s").lower()]
-        pos = m.end()
-    return total if pos == len(text) and pos > 0 else None
+    """'24h', '90m', '1h30m', '45s', '2d', '300' (seconds) -> seconds; None if not a duration
+    (then it may be a time). The syntax is the configuration's, read as a window."""
+    try:
+        return config_duration(text, window=True)
+    except ValueError:
+        return None
 
 
 def resolve_bound(text: str, reference: float) -> float:
@@ -251,9 +246,7 @@ def resolve_bound(text: str, reference: float) -> float:
         raise UsageError(f"not a duration or an ISO-8601 time: {text!r}") from None
 
 
-def _window(
-    records: list[DropRecord], since: str | None, until: str | None, now: float | None
-) -> list[DropRecord]:
+def _window(records: list[DropRecord], since: str | None, until: str | None, now: float | None) -> list[DropRecord]:
     if since is None and until is None:
         return records
     reference = now if now is not None else max((r.time for r in records), default=0.0)
@@ -279,9 +272,7 @@ def summarize(records: Sequence[DropRecord]) -> dict[str, Any]:
         "span_s": round(last - first, 3),
         "sidecars": len({r.sidecar for r in recs}),
         "upstreams": len({_upstream_key(r) for r in recs}),
-        "by_cause": [
-            {"cause": c.value, "phrase": c.phrase, "count": n} for c, n in by_cause.most_common()
-        ],
+        "by_cause": [{"cause": c.value, "phrase": c.phrase, "count": n} for c, n in by_cause.most_common()],
         "impact": _impact(recs),
         "secondary": dict(Counter(s.value for r in recs for s in r.secondary).most_common()),
         "timeline": timeline(recs),
@@ -360,9 +351,7 @@ def idle_clusters(recs: Sequence[DropRecord]) -> list[dict[str, Any]]:
             lo, hi = members[0], members[-1]
             center = (lo + hi) / 2
             in_cluster = [r for r in group if lo <= r.idle_s <= hi]
-            described = _describe_cluster(
-                cause, center, lo, hi, len(members), len(group), in_cluster
-            )
+            described = _describe_cluster(cause, center, lo, hi, len(members), len(group), in_cluster)
             out.append(described)
     out.sort(key=lambda c: -c["count"])
     return out
@@ -393,9 +382,7 @@ def _describe_cluster(
     }
 
 
-def _cluster_explanation(
-    cause: DropCause, center: float, box: str | None, keepalive: float | None
-) -> str:
+def _cluster_explanation(cause: DropCause, center: float, box: str | None, keepalive: float | None) -> str:
     if cause in _SERVER_SETTING:
         return f"the server's {_SERVER_SETTING[cause]} is about {center:.0f} s"
     if cause not in _NETWORK_CAUSES:
@@ -518,10 +505,7 @@ def render_text(summary: dict[str, Any]) -> str:
     if summary["idle_clusters"]:
         lines.append("Idle ages")
         for c in summary["idle_clusters"]:
-            lines.append(
-                f"  {_cluster_head(c)} ({c['cause']}, {c['count']} of {c['of_cause']}):"
-                f" {c['explanation']}."
-            )
+            lines.append(f"  {_cluster_head(c)} ({c['cause']}, {c['count']} of {c['of_cause']}): {c['explanation']}.")
         lines.append("")
     if summary["events"]:
         lines.append("Same moment, several sidecars or clients (server-side events)")
@@ -587,8 +571,7 @@ def _event_line(e: dict[str, Any], same_day: bool, *, with_upstream: bool = True
     who = (
         f"across all {e['sidecars']} sidecars"
         if e["all_sidecars"]
-        else f"across {e['sidecars']} sidecar{'s' if e['sidecars'] != 1 else ''}"
-        f" ({e['clients']} clients)"
+        else f"across {e['sidecars']} sidecar{'s' if e['sidecars'] != 1 else ''} ({e['clients']} clients)"
     )
     words = [_EVIDENCE_WORDS[f] for f in e["evidence"] if f in _EVIDENCE_WORDS]
     why = ", ".join(words or e["evidence"][:3])

@@ -13,9 +13,12 @@ from dataclasses import dataclass
 
 # The Cloud SQL Auth Proxy spells them /startup, /liveness, /readiness; both names answer.
 ENDPOINTS = {
-    "/startupz": "startup", "/startup": "startup",
-    "/livez": "live", "/liveness": "live",
-    "/readyz": "ready", "/readiness": "ready",
+    "/startupz": "startup",
+    "/startup": "startup",
+    "/livez": "live",
+    "/liveness": "live",
+    "/readyz": "ready",
+    "/readiness": "ready",
 }
 
 
@@ -28,9 +31,14 @@ class Answer:
 class Health:
     """What the sidecar knows about itself and its upstream, judged on request."""
 
-    def __init__(self, *, stale_after_s: float = 30.0, lag_limit_s: float = 5.0,
-                 draining: Callable[[], bool] = lambda: False,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        stale_after_s: float = 30.0,
+        lag_limit_s: float = 5.0,
+        draining: Callable[[], bool] = lambda: False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.stale_after_s = stale_after_s
         self.lag_limit_s = lag_limit_s
         self.draining = draining

@@ -32,7 +32,7 @@ class Tallies:
     """Plain integers the runtime bumps per read batch; a prometheus Counter would take a lock
     on every call, and these are read only when someone scrapes."""
 
-    __slots__ = ("client_to_server", "server_to_client", "clients_total", "cert_not_after")
+    __slots__ = ("cert_not_after", "client_to_server", "clients_total", "server_to_client")
 
     def __init__(self) -> None:
         self.client_to_server = 0
@@ -41,16 +41,23 @@ class Tallies:
         self.cert_not_after: float | None = None
 
 
+# Read-only members (properties): the runtime's narrower attribute types then match.
 class _Session(Protocol):
-    server: object | None
-    connecting: object | None
+    @property
+    def server(self) -> object | None: ...
+
+    @property
+    def connecting(self) -> object | None: ...
 
 
 class Watched(Protocol):
     """What the collector reads from the runtime's Sidecar (observe does not import runtime)."""
 
-    tally: Tallies
-    drivers: Iterable[_Session]
+    @property
+    def tally(self) -> Tallies: ...
+
+    @property
+    def drivers(self) -> Iterable[_Session]: ...
 
 
 class _LiveCollector:
@@ -70,17 +77,15 @@ class _LiveCollector:
             return
         tally = watched.tally
         drivers = list(watched.drivers)
-        yield GaugeMetricFamily("pgsidecar_client_connections", "Client connections open now.",
-                                value=len(drivers))
-        yield CounterMetricFamily("pgsidecar_client_connections", "Client connections accepted.",
-                                  value=tally.clients_total)
-        up = GaugeMetricFamily("pgsidecar_upstream_connections",
-                               "Upstream connections by state.", labels=["state"])
+        yield GaugeMetricFamily("pgsidecar_client_connections", "Client connections open now.", value=len(drivers))
+        yield CounterMetricFamily(
+            "pgsidecar_client_connections", "Client connections accepted.", value=tally.clients_total
+        )
+        up = GaugeMetricFamily("pgsidecar_upstream_connections", "Upstream connections by state.", labels=["state"])
         up.add_metric(["connected"], sum(1 for d in drivers if d.server is not None))
         up.add_metric(["connecting"], sum(1 for d in drivers if d.connecting is not None))
         yield up
-        moved = CounterMetricFamily("pgsidecar_bytes", "Bytes relayed, counted per read batch.",
-                                    labels=["direction"])
+        moved = CounterMetricFamily("pgsidecar_bytes", "Bytes relayed, counted per read batch.", labels=["direction"])
         moved.add_metric(["client_to_server"], tally.client_to_server)
         moved.add_metric(["server_to_client"], tally.server_to_client)
         yield moved
@@ -101,19 +106,27 @@ class Metrics:
         reg = self.registry
         self.live = _LiveCollector()
         reg.register(self.live)
-        self.drops = Counter("pgsidecar_upstream_drops", "Upstream connections that ended without "
-                             "the client asking, by classified cause.", ["cause"], registry=reg)
-        self.reconnects = Counter("pgsidecar_reconnects", "Reconnects after a drop, by result.",
-                                  ["result"], registry=reg)
-        self.reconnect_duration = Histogram(
-            "pgsidecar_reconnect_duration_seconds", "Time from drop to a usable new connection.",
-            buckets=RECONNECT_BUCKETS, registry=reg,
+        self.drops = Counter(
+            "pgsidecar_upstream_drops",
+            "Upstream connections that ended without the client asking, by classified cause.",
+            ["cause"],
+            registry=reg,
         )
-        self.transparent = Counter("pgsidecar_transparent_recoveries",
-                                   "Drops the client never saw.", registry=reg)
+        self.reconnects = Counter(
+            "pgsidecar_reconnects", "Reconnects after a drop, by result.", ["result"], registry=reg
+        )
+        self.reconnect_duration = Histogram(
+            "pgsidecar_reconnect_duration_seconds",
+            "Time from drop to a usable new connection.",
+            buckets=RECONNECT_BUCKETS,
+            registry=reg,
+        )
+        self.transparent = Counter("pgsidecar_transparent_recoveries", "Drops the client never saw.", registry=reg)
         self.client_errors = Counter(
-            "pgsidecar_client_errors", "ErrorResponses pgsidecar itself sent to clients, by SQLSTATE.",
-            ["sqlstate"], registry=reg,
+            "pgsidecar_client_errors",
+            "ErrorResponses pgsidecar itself sent to clients, by SQLSTATE.",
+            ["sqlstate"],
+            registry=reg,
         )
         build = Gauge("pgsidecar_build_info", "pgsidecar version; always 1.", ["version"], registry=reg)
         build.labels(version).set(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from pgsidecar.config.model import Config
@@ -20,8 +21,16 @@ from pgsidecar.observe.droplog import DropLogWriter
 log = logging.getLogger("pgsidecar.drops")
 
 _OBSERVED_KEYS = ("sqlstate", "severity", "message", "tls_close_notify", "errno_name")
-_REVEAL_KEYS = ("postmaster_start_changed", "in_recovery_seen", "certificate_changed", "address_changed",
-                "read_only_now", "in_recovery_now", "timeline_changed", "system_identifier_changed")
+_REVEAL_KEYS = (
+    "postmaster_start_changed",
+    "in_recovery_seen",
+    "certificate_changed",
+    "address_changed",
+    "read_only_now",
+    "in_recovery_now",
+    "timeline_changed",
+    "system_identifier_changed",
+)
 # The impact the brain gives a book closed because the client left mid-reconnect
 # (relay/connection.py _client_closed): that reconnect neither failed nor succeeded.
 ABANDONED_IMPACT = "client left during reconnect"
@@ -39,11 +48,15 @@ def _snapshot(facts: Any) -> ServerSnapshot | None:
     """session/state.py ServerFacts (or its dict) -> the record's ServerSnapshot."""
     if facts is None:
         return None
-    get = facts.get if isinstance(facts, dict) else (lambda name: getattr(facts, name, None))
+    get: Callable[[str], Any] = facts.get if isinstance(facts, dict) else (lambda name: getattr(facts, name, None))
     return ServerSnapshot(
-        postmaster_start=get("postmaster_start"), in_recovery=get("in_recovery"),
-        read_only=get("read_only"), system_identifier=get("system_identifier"),
-        timeline=get("timeline"), address=get("server_addr"), port=get("server_port"),
+        postmaster_start=get("postmaster_start"),
+        in_recovery=get("in_recovery"),
+        read_only=get("read_only"),
+        system_identifier=get("system_identifier"),
+        timeline=get("timeline"),
+        address=get("server_addr"),
+        port=get("server_port"),
     )
 
 
@@ -57,14 +70,18 @@ def build_record(info: dict[str, Any], *, sidecar: str, config: Config) -> DropR
         **{key: obs.get(key) for key in _OBSERVED_KEYS},
     )
     rec = info.get("reconnect") or {}
-    reconnect = ReconnectOutcome(
-        attempts=int(rec.get("attempts", 0)),
-        duration_s=float(rec.get("duration_s", 0.0)),
-        succeeded=bool(rec.get("succeeded")),
-        errors=tuple(rec.get("errors", ())),
-        abandoned=_abandoned(info, rec),
-        **{key: rec.get(key) for key in _REVEAL_KEYS},
-    ) if rec else None
+    reconnect = (
+        ReconnectOutcome(
+            attempts=int(rec.get("attempts", 0)),
+            duration_s=float(rec.get("duration_s", 0.0)),
+            succeeded=bool(rec.get("succeeded")),
+            errors=tuple(rec.get("errors", ())),
+            abandoned=_abandoned(info, rec),
+            **{key: rec.get(key) for key in _REVEAL_KEYS},
+        )
+        if rec
+        else None
+    )
     keepalive = config.upstream.keepalive
     evidence = Evidence(
         observed=observed,
@@ -81,12 +98,20 @@ def build_record(info: dict[str, Any], *, sidecar: str, config: Config) -> DropR
     return DropRecord.from_evidence(
         time=float(info["time"]),
         sidecar=sidecar,
-        client=ClientInfo(addr=cl.get("addr"), application_name=cl.get("application_name"),
-                          user=cl.get("user"), database=cl.get("database")),
+        client=ClientInfo(
+            addr=cl.get("addr"),
+            application_name=cl.get("application_name"),
+            user=cl.get("user"),
+            database=cl.get("database"),
+        ),
         upstream=UpstreamInfo(
-            host=up.get("host"), address=up.get("address"), port=up.get("port"),
-            backend_pid=up.get("backend_pid"), server_version=up.get("server_version"),
-            tls_version=up.get("tls_version"), tls_cipher=up.get("tls_cipher"),
+            host=up.get("host"),
+            address=up.get("address"),
+            port=up.get("port"),
+            backend_pid=up.get("backend_pid"),
+            server_version=up.get("server_version"),
+            tls_version=up.get("tls_version"),
+            tls_cipher=up.get("tls_cipher"),
             cert_fingerprint_sha256=up.get("cert_fingerprint"),
             cert_not_after=iso_utc(not_after) if isinstance(not_after, (int, float)) else not_after,
         ),
@@ -103,7 +128,7 @@ def build_record(info: dict[str, Any], *, sidecar: str, config: Config) -> DropR
 class DropRecorder:
     """Owns the drop log; one call per drop from the runtime."""
 
-    def __init__(self, config: Config, sidecar: str, *, on_record=None) -> None:
+    def __init__(self, config: Config, sidecar: str, *, on_record: Callable[[DropRecord], None] | None = None) -> None:
         self.config = config
         self.sidecar = sidecar
         self.writer = DropLogWriter(config.drop_log.path, config.drop_log.max_bytes, config.drop_log.backups)
@@ -114,7 +139,7 @@ class DropRecorder:
         a record that cannot be built or written is one error line, and the session goes on."""
         try:
             rec = build_record(info, sidecar=self.sidecar, config=self.config)
-        except Exception as exc:  # an internal bug must not kill the session
+        except Exception as exc:  # noqa: BLE001 - an internal bug must not kill the session
             log.error("could not build a drop record: %s (%r)", exc, info)
             return None
         try:
@@ -123,7 +148,7 @@ class DropRecorder:
             log.log(level, human_line(rec), extra={"fields": {"drop": rec.to_dict()}})
             if self.on_record is not None:
                 self.on_record(rec)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - nor a full disk or a broken metric
             log.error("could not write or count a drop record: %s", exc)
         return rec
 

@@ -193,8 +193,9 @@ class Login:
         ctx.connected_wall, ctx.connected_at = event.wall, event.now
         ctx.last_server_at = event.now
         # Channel binding is derived from the certificate in one place: UpstreamLogin.
-        self.exchange = UpstreamLogin(ctx.params, ctx.password, channel_binding=event.channel_binding,
-                                      cert_der=event.cert_der)
+        self.exchange = UpstreamLogin(
+            ctx.params, ctx.password, channel_binding=event.channel_binding, cert_der=event.cert_der
+        )
         self.waiting = False
         ctx.drops.connected(event)
         return [cmd.SendToServer(self.exchange.start())]

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from pgsidecar.relay import commands as cmd
 from pgsidecar.relay import events as ev
 from pgsidecar.relay.connection import SidecarConnection
-from pgsidecar.runtime.upstream import UpstreamError, open_upstream, tcp_info
+from pgsidecar.runtime.upstream import ERRNO_KINDS, UpstreamError, open_upstream, tcp_info
 from pgsidecar.wire.ending import SocketEnd
 
 if TYPE_CHECKING:
@@ -26,16 +26,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgsidecar.session")
 
-_ERRNO_KIND = {
-    errno.ECONNRESET: SocketEnd.RESET,
-    errno.EPIPE: SocketEnd.RESET,
-    errno.ETIMEDOUT: SocketEnd.TIMEOUT,
-    errno.EHOSTUNREACH: SocketEnd.UNREACHABLE,
-    errno.ENETUNREACH: SocketEnd.UNREACHABLE,
-}
+# One errno table for connects and established sockets; an established one cannot be refused.
+_ERRNO_KIND = {code: SocketEnd(kind) for code, kind in ERRNO_KINDS.items() if kind != "refused"}
 
 
-def classify_exception(exc: BaseException | None, saw_eof: bool, tls: bool) -> tuple[SocketEnd, str | None, bool | None]:
+def classify_exception(
+    exc: BaseException | None, saw_eof: bool, tls: bool
+) -> tuple[SocketEnd, str | None, bool | None]:
     """(how it ended, errno name, TLS close_notify seen: None without TLS) for a socket's end."""
     if exc is None:
         # Under TLS, asyncio reports close_notify as eof_received; a bare TCP FIN is not.
@@ -55,14 +52,14 @@ def classify_exception(exc: BaseException | None, saw_eof: bool, tls: bool) -> t
 class ServerSide(asyncio.Protocol):
     """The upstream socket of one session."""
 
-    __slots__ = ("driver", "transport", "saw_eof", "closing", "last_tcp_info")
+    __slots__ = ("closing", "driver", "last_tcp_info", "saw_eof", "transport")
 
     def __init__(self, driver: ClientDriver) -> None:
         self.driver = driver
         self.transport: asyncio.Transport | None = None
         self.saw_eof = False
         self.closing = False
-        self.last_tcp_info: dict | None = None
+        self.last_tcp_info: dict[str, object] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -87,14 +84,16 @@ class ServerSide(asyncio.Protocol):
         self.driver.resume_client_reading("server-buffer")
 
 
-def _tcp_info_of(transport: asyncio.BaseTransport | None) -> dict | None:
+def _tcp_info_of(transport: asyncio.BaseTransport | None) -> dict[str, object] | None:
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None or sock.fileno() < 0:
         return None
     try:
-        return tcp_info(sock)
+        info = tcp_info(sock)
     except OSError:
         return None
+    # ServerClosed.tcp_info is a dict[str, object] (dict is invariant): a copy of the ints.
+    return dict(info) if info is not None else None
 
 
 class ClientDriver(asyncio.Protocol):
@@ -107,7 +106,7 @@ class ClientDriver(asyncio.Protocol):
         self.brain = SidecarConnection(sidecar.policy, secret=secrets.token_bytes(4))
         self.client: asyncio.Transport | None = None
         self.server: ServerSide | None = None
-        self.connecting: asyncio.Task | None = None
+        self.connecting: asyncio.Task[None] | None = None
         self.timers: dict[cmd.TimerName, asyncio.TimerHandle] = {}
         self.paused_by: set[str] = set()
         self.cancel_key: tuple[int, bytes] | None = None  # registered with the sidecar, by the brain's command
@@ -174,19 +173,20 @@ class ClientDriver(asyncio.Protocol):
         tls = side.transport is not None and side.transport.get_extra_info("ssl_object") is not None
         kind, errno_name, close_notify = classify_exception(exc, side.saw_eof, tls)
         info = side.last_tcp_info or _tcp_info_of(side.transport)
-        event = ev.ServerClosed(time.monotonic(), time.time(), kind, errno_name, close_notify,
-                                str(exc) if exc else None, info)
+        event = ev.ServerClosed(
+            time.monotonic(), time.time(), kind, errno_name, close_notify, str(exc) if exc else None, info
+        )
         self.feed(event)
 
     # ---------------------------------------------------------------- commands
-    def feed(self, event: object) -> None:
+    def feed(self, event: ev.Event) -> None:
         """Hand one event to the brain and carry out its commands. An internal error (in the brain
         or in carrying out a command) ends this session only: one log line, resources given back."""
         if self.failed:
             return
         try:
             self.run(self.brain.handle(event))
-        except Exception:
+        except Exception:  # noqa: BLE001 - a bug ends this session only; fail() logs the traceback
             self.fail(f"internal error in session {self.brain.ctx.peer or '?'} on {type(event).__name__}; closing it")
 
     def fail(self, message: str) -> None:
@@ -194,7 +194,7 @@ class ClientDriver(asyncio.Protocol):
         if self.failed:
             return
         self.failed = True
-        log.exception(message)
+        log.exception(message)  # noqa: LOG004 - called only from `except` blocks
         try:
             self._close_server(abort=True)
             if self.client is not None:
@@ -205,11 +205,11 @@ class ClientDriver(asyncio.Protocol):
     def run(self, commands: list[cmd.Command]) -> None:
         """Carry out the brain's commands in order; bytes it marked as its own errors are counted."""
         for command in commands:
-            kind = type(command)
-            if kind is cmd.SendToServer:
+            # Exact types, the two hot commands first; `type(...) is` also narrows for mypy.
+            if type(command) is cmd.SendToServer:
                 if self.server is not None and self.server.transport is not None:
                     self.server.transport.write(command.data)
-            elif kind is cmd.SendToClient:
+            elif type(command) is cmd.SendToClient:
                 if self.client is not None:
                     self.client.write(command.data)
                 if command.errors and self.sidecar.on_client_error is not None:
@@ -279,12 +279,17 @@ class ClientDriver(asyncio.Protocol):
         self.connecting_tls = asyncio.ensure_future(self._client_tls())
 
     async def _client_tls(self) -> None:
+        # The brain asks for TLS only on an open client socket with local TLS configured.
+        assert self.client is not None and self.sidecar.client_tls_context is not None
         try:
             new = await self.loop.start_tls(
-                self.client, self, self.sidecar.client_tls_context, server_side=True,
+                self.client,
+                self,
+                self.sidecar.client_tls_context,
+                server_side=True,
                 ssl_handshake_timeout=self.sidecar.startup_timeout_s,
             )
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             log.info("client TLS handshake failed: %s", exc)
             self.closed = True
             if self.client is not None:
@@ -304,7 +309,7 @@ class ClientDriver(asyncio.Protocol):
             await self._connect_once(use_tls, reconnect)
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception:  # noqa: BLE001 - a bug ends this session only; fail() logs the traceback
             self.fail(f"internal error while connecting upstream for session {self.brain.ctx.peer or '?'}; closing it")
 
     async def _connect_once(self, use_tls: bool | None, reconnect: bool = False) -> None:
@@ -313,8 +318,11 @@ class ClientDriver(asyncio.Protocol):
             # The brain's reconnect mark picks the gate's class: reconnects go before first logins.
             async with self.sidecar.connect_slots.slot(reconnect):
                 transport, _, facts = await open_upstream(
-                    self.sidecar.target, self.sidecar.keepalive, lambda: side,
-                    ssl_context=self.sidecar.upstream_tls_context, use_tls=use_tls,
+                    self.sidecar.target,
+                    self.sidecar.keepalive,
+                    lambda: side,
+                    ssl_context=self.sidecar.upstream_tls_context,
+                    use_tls=use_tls,
                 )
         except UpstreamError as exc:
             self.connecting = None

@@ -39,20 +39,22 @@ def split_host_port(text: str) -> tuple[str, int]:
 class Operations:
     """The running HTTP listener, the upstream prober and the loop heartbeat."""
 
-    def __init__(self, sidecar: Sidecar, metrics: Metrics, health: Health, *,
-                 probe_interval_s: float = PROBE_INTERVAL_S) -> None:
+    def __init__(
+        self, sidecar: Sidecar, metrics: Metrics, health: Health, *, probe_interval_s: float = PROBE_INTERVAL_S
+    ) -> None:
         self.sidecar = sidecar
         self.metrics = metrics
         self.health = health
         self.probe_interval_s = probe_interval_s
-        self.server: asyncio.AbstractServer | None = None
-        self.tasks: list[asyncio.Task] = []
+        self.server: asyncio.Server | None = None
+        self.tasks: list[asyncio.Task[None]] = []
 
     @property
     def port(self) -> int | None:
         if self.server is None or not self.server.sockets:
             return None
-        return self.server.sockets[0].getsockname()[1]
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
 
     async def start(self, listen: str | None) -> None:
         self.health.listening = True
@@ -61,7 +63,11 @@ class Operations:
         host, port = split_host_port(listen)
         self.server = await asyncio.start_server(self._serve, host, port, limit=MAX_REQUEST_BYTES)
         self.tasks = [asyncio.ensure_future(self._probe_loop()), asyncio.ensure_future(self._heartbeat())]
-        log.info("metrics and health endpoints on http://%s:%s/ (/metrics /startupz /livez /readyz)", listen.rpartition(":")[0], self.port)
+        log.info(
+            "metrics and health endpoints on http://%s:%s/ (/metrics /startupz /livez /readyz)",
+            listen.rpartition(":")[0],
+            self.port,
+        )
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -85,13 +91,17 @@ class Operations:
         sidecar = self.sidecar
         try:
             transport, _, facts = await open_upstream(
-                sidecar.target, sidecar.keepalive, asyncio.Protocol,
-                ssl_context=sidecar.upstream_tls_context, timeout_s=PROBE_TIMEOUT_S,
+                sidecar.target,
+                sidecar.keepalive,
+                asyncio.Protocol,
+                ssl_context=sidecar.upstream_tls_context,
+                timeout_s=PROBE_TIMEOUT_S,
             )
-        except (UpstreamError, OSError, ValueError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, UpstreamError, OSError, ValueError) as exc:
             # Log the first failure and each change from reachable to unreachable, not every probe.
             worth_a_line = not self.health.probed or (
-                self.health.last_ok is not None and (self.health.last_fail or 0) < self.health.last_ok)
+                self.health.last_ok is not None and (self.health.last_fail or 0) < self.health.last_ok
+            )
             self.health.upstream_result(False, str(exc) or type(exc).__name__)
             if worth_a_line:
                 log.warning("upstream probe failed: %s", exc)
@@ -119,7 +129,7 @@ class Operations:
             method = head.split(b" ", 1)[0]
             writer.write(_response(status, ctype, b"" if method == b"HEAD" else body, len(body)))
             await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass
         except Exception:  # an answer must never take the sidecar down
             log.exception("internal error answering an HTTP request")
@@ -144,9 +154,11 @@ class Operations:
 
 
 def _response(status: int, ctype: str, body: bytes, length: int) -> bytes:
-    head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
-            f"Content-Type: {ctype}\r\nContent-Length: {length}\r\n"
-            "Cache-Control: no-store\r\nConnection: close\r\n\r\n")
+    head = (
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
+        f"Content-Type: {ctype}\r\nContent-Length: {length}\r\n"
+        "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
+    )
     return head.encode("latin-1") + body
 
 

@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 from pgsidecar.config.model import Config, SslMode
 from pgsidecar.observe.metrics import Tallies
@@ -15,7 +16,7 @@ from pgsidecar.relay.connection import SessionPolicy
 from pgsidecar.runtime.driver import ClientDriver
 from pgsidecar.runtime.gate import ConnectGate
 from pgsidecar.runtime.tls import local_server_context, upstream_context
-from pgsidecar.runtime.upstream import UpstreamFacts, UpstreamError, open_upstream
+from pgsidecar.runtime.upstream import UpstreamError, UpstreamFacts, open_upstream
 from pgsidecar.wire import frontend as fe
 from pgsidecar.wire import sqlstate
 
@@ -49,7 +50,9 @@ def policy_from_config(config: Config) -> SessionPolicy:
 class Sidecar:
     """Everything the client drivers share; built once by the app from the config."""
 
-    def __init__(self, config: Config, *, on_drop: Callable[[ClientDriver, dict], None] | None = None) -> None:
+    def __init__(
+        self, config: Config, *, on_drop: Callable[[ClientDriver, dict[str, Any]], object] | None = None
+    ) -> None:
         self.config = config
         self.policy = policy_from_config(config)
         self.target = config.upstream.target
@@ -62,8 +65,9 @@ class Sidecar:
         # Reconnects before first logins; at most limit + max(1, limit // 4) connects at once.
         self.connect_slots = ConnectGate(limit if limit > 0 else 1_000_000)
         self.drivers: set[ClientDriver] = set()
+        self.cancels: set[asyncio.Task[None]] = set()  # in flight, held: the loop keeps tasks weakly
         self.by_key: dict[tuple[int, bytes], ClientDriver] = {}
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list[asyncio.Server] = []
         self.on_drop = on_drop
         self.draining = False
         self.unix_path: str | None = None
@@ -82,7 +86,7 @@ class Sidecar:
         self.servers.append(server)
         if listen.unix_socket_dir:
             path = os.path.join(listen.unix_socket_dir, f".s.PGSQL.{listen.port}")
-            if os.path.exists(path):
+            if os.path.exists(path):  # noqa: ASYNC240 - one stat of a local path, at start
                 os.unlink(path)
             unix = await loop.create_unix_server(lambda: ClientDriver(self, unix=True), path, backlog=backlog)
             os.chmod(path, 0o777)
@@ -107,7 +111,7 @@ class Sidecar:
                 driver.client.close()
         for server in self.servers:
             await server.wait_closed()
-        if self.unix_path and os.path.exists(self.unix_path):
+        if self.unix_path and os.path.exists(self.unix_path):  # noqa: ASYNC240 - one stat, at stop
             os.unlink(self.unix_path)
 
     # ---------------------------------------------------------------- sessions
@@ -135,20 +139,32 @@ class Sidecar:
             self.tally.cert_not_after = cert.not_after
         if self.on_upstream is not None:
             self.on_upstream(True, None)
-        record = {
-            "host": facts.host, "address": facts.address, "port": facts.port, "tls": facts.tls,
-            "tls_version": facts.tls_version, "tls_cipher": facts.tls_cipher,
+        record: ev.ConnectionFacts = {
+            "host": facts.host,
+            "address": facts.address,
+            "port": facts.port,
+            "tls": facts.tls,
+            "tls_version": facts.tls_version,
+            "tls_cipher": facts.tls_cipher,
             "cert_fingerprint": cert.fingerprint_sha256 if cert else None,
             "cert_not_after": cert.not_after if cert else None,
         }
-        return ev.ServerConnected(time.monotonic(), time.time(), facts.address, facts.tls, None,
-                                  cert.fingerprint_sha256 if cert else None, record, cert.der if cert else None)
+        return ev.ServerConnected(
+            time.monotonic(),
+            time.time(),
+            facts.address,
+            facts.tls,
+            None,
+            cert.fingerprint_sha256 if cert else None,
+            record,
+            cert.der if cert else None,
+        )
 
     def connect_failed(self, error: UpstreamError) -> None:
         if self.on_upstream is not None:
             self.on_upstream(False, str(error))
 
-    def record_drop(self, driver: ClientDriver, info: dict) -> None:
+    def record_drop(self, driver: ClientDriver, info: dict[str, Any]) -> None:
         if self.on_drop is not None:
             self.on_drop(driver, info)
 
@@ -162,7 +178,9 @@ class Sidecar:
         driver.cancel()
 
     def send_cancel(self, pid: int, secret: bytes) -> None:
-        asyncio.ensure_future(self._send_cancel(pid, secret))
+        task = asyncio.ensure_future(self._send_cancel(pid, secret))
+        self.cancels.add(task)
+        task.add_done_callback(self.cancels.discard)
 
     async def _send_cancel(self, pid: int, secret: bytes) -> None:
         """55.2.8 "Canceling Requests in Progress": a new connection carrying only CancelRequest."""
@@ -183,7 +201,7 @@ class Sidecar:
         transport.write(fe.CancelRequest(pid, secret).encode())
         try:
             await asyncio.wait_for(done, 5.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         transport.close()
 
@@ -194,7 +212,10 @@ class Sidecar:
         client_ctx = local_server_context(config.listen)
         upstream_ctx = upstream_context(config.upstream.target)
         if (config.listen.host, config.listen.port, config.listen.unix_socket_dir) != (
-                self.config.listen.host, self.config.listen.port, self.config.listen.unix_socket_dir):
+            self.config.listen.host,
+            self.config.listen.port,
+            self.config.listen.unix_socket_dir,
+        ):
             log.warning("reload: listen address changes take effect only after a restart")
         self.config = config
         self.policy = policy_from_config(config)

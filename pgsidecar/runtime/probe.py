@@ -36,24 +36,35 @@ class _Collector(asyncio.Protocol):
         self.queue.put_nowait(None)
 
 
-async def check_upstream(config: Config, *, user: str | None = None, password: str | None = None,
-                         dbname: str | None = None, timeout_s: float = 15.0) -> CheckResult:
+async def check_upstream(
+    config: Config,
+    *,
+    user: str | None = None,
+    password: str | None = None,
+    dbname: str | None = None,
+    timeout_s: float = 15.0,
+) -> CheckResult:
     target = config.upstream.target
     user = user or config.auth.user or target.user
     if not user:
         raise CheckFailed("no user to log in with: set it in upstream.dsn, PGUSER or auth.user")
-    params = {"user": user, "database": dbname or target.dbname or user,
-              "application_name": "pgsidecar check"}
+    params = {"user": user, "database": dbname or target.dbname or user, "application_name": "pgsidecar check"}
     collector = _Collector()
     transport, _, facts = await open_upstream(
-        target, config.upstream.keepalive, lambda: collector, ssl_context=upstream_context(target),
+        target,
+        config.upstream.keepalive,
+        lambda: collector,
+        ssl_context=upstream_context(target),
         timeout_s=timeout_s,
     )
     try:
         sock = transport.get_extra_info("socket")
         readback = keepalive_readback(sock) if sock is not None else {}
-        login = UpstreamLogin(params, password or config.auth.password or target.password,
-                              cert_der=facts.cert.der if facts.cert is not None else None)
+        login = UpstreamLogin(
+            params,
+            password or config.auth.password or target.password,
+            cert_der=facts.cert.der if facts.cert is not None else None,
+        )
         transport.write(login.start())
         while True:
             data = await asyncio.wait_for(collector.queue.get(), timeout_s)
@@ -63,9 +74,13 @@ async def check_upstream(config: Config, *, user: str | None = None, password: s
             if step.send:
                 transport.write(step.send)
             if step.needs_password:
-                raise CheckFailed("the server asks for a password: set PGPASSWORD, upstream.dsn password or auth.password")
+                raise CheckFailed(
+                    "the server asks for a password: set PGPASSWORD, upstream.dsn password or auth.password"
+                )
             if step.error is not None:
-                raise CheckFailed(f"the server refused the login: {step.error.severity} {step.error.code} {step.error.message}")
+                raise CheckFailed(
+                    f"the server refused the login: {step.error.severity} {step.error.code} {step.error.message}"
+                )
             if step.done is not None:
                 transport.write(fe.Terminate().encode())
                 return CheckResult(facts, step.done.params, step.done.backend_pid, login.auth_method, readback)

@@ -98,9 +98,7 @@ def host_matches_certificate(der: bytes, host: str) -> bool:
         return ip in san.get_values_for_type(x509.IPAddress)
     dns_names = san.get_values_for_type(x509.DNSName)
     if not dns_names:
-        dns_names = [
-            str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        ]
+        dns_names = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     return any(_dns_name_matches(pattern, host) for pattern in dns_names)
 
 
@@ -121,7 +119,7 @@ def generate_local_certificate(
     for the moment ssl needs a file to load it.
     """
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     subject = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pgsidecar"),
@@ -216,10 +214,7 @@ def upstream_context(target: UpstreamTarget, *, home: str | None = None) -> ssl.
     mode = SslMode(target.sslmode)
     if target.sslrootcert == "system" and mode is not SslMode.VERIFY_FULL:
         # libpq refuses this combination (PostgreSQL docs 34.1.2, sslrootcert).
-        raise TlsConfigError(
-            f'weak sslmode "{mode.value}" may not be used with sslrootcert=system '
-            '(use "verify-full")'
-        )
+        raise TlsConfigError(f'weak sslmode "{mode.value}" may not be used with sslrootcert=system (use "verify-full")')
     if mode is SslMode.DISABLE:
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -253,9 +248,7 @@ def is_ip_literal(host: str) -> bool:
     return True
 
 
-def _load_root(
-    ctx: ssl.SSLContext, target: UpstreamTarget, mode: SslMode, home: str | None
-) -> bool:
+def _load_root(ctx: ssl.SSLContext, target: UpstreamTarget, mode: SslMode, home: str | None) -> bool:
     """Load the root certificate(s) libpq would use; True when the server is then checked."""
     if target.sslrootcert == "system":
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
@@ -269,10 +262,7 @@ def _load_root(
         return True
     if mode in (SslMode.VERIFY_CA, SslMode.VERIFY_FULL):
         if path is None:
-            raise TlsConfigError(
-                "could not get home directory to locate root certificate file; "
-                + _NO_ROOT_CERT_HINT
-            )
+            raise TlsConfigError("could not get home directory to locate root certificate file; " + _NO_ROOT_CERT_HINT)
         raise TlsConfigError(f'root certificate file "{path}" does not exist; {_NO_ROOT_CERT_HINT}')
     if target.sslrootcert:
         # libpq would continue silently; a configured file that is missing is surely a mistake.

@@ -33,7 +33,8 @@ ERROR_KINDS = (
     "protocol",
 )
 
-_ERRNO_KINDS = {
+#: errno -> kind, for a failed connect and (runtime/driver.py) for an established socket's end.
+ERRNO_KINDS = {
     errno.ECONNREFUSED: "refused",
     errno.ENOENT: "refused",  # no socket file: nothing listens there
     errno.ETIMEDOUT: "timeout",
@@ -93,9 +94,7 @@ class UpstreamError(Exception):
         return self.message
 
     def __repr__(self) -> str:
-        return (
-            f"UpstreamError(kind={self.kind!r}, errno_name={self.errno_name!r}, {self.message!r})"
-        )
+        return f"UpstreamError(kind={self.kind!r}, errno_name={self.errno_name!r}, {self.message!r})"
 
 
 class _HandshakeFailed(Exception):
@@ -171,18 +170,12 @@ async def _resolve(dial: _Dial) -> list[Any]:
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(dial.timeout_s):
-            infos = await loop.getaddrinfo(
-                host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-            )
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     except TimeoutError:
-        raise UpstreamError(
-            "dns", f'could not translate host name "{host}" to address: timeout expired'
-        ) from None
+        raise UpstreamError("dns", f'could not translate host name "{host}" to address: timeout expired') from None
     except (socket.gaierror, UnicodeError) as e:
         reason = e.strerror if isinstance(e, socket.gaierror) and e.strerror else str(e)
-        raise UpstreamError(
-            "dns", f'could not translate host name "{host}" to address: {reason}'
-        ) from e
+        raise UpstreamError("dns", f'could not translate host name "{host}" to address: {reason}') from e
     if not infos:
         raise UpstreamError("dns", f'could not translate host name "{host}" to address')
     return infos
@@ -214,9 +207,7 @@ async def _attempt(
     except TimeoutError as e:
         if e.errno is not None:  # the kernel's ETIMEDOUT, not our timer
             raise _os_error(e, dial.target, address) from e
-        raise UpstreamError(
-            "timeout", _prefix(dial.target, address) + "timeout expired", address=address
-        ) from None
+        raise UpstreamError("timeout", _prefix(dial.target, address) + "timeout expired", address=address) from None
 
 
 async def _dial_tcp(
@@ -262,16 +253,14 @@ async def _hand_over(
         # Our own timer (the connect timeout) fires first; this only replaces the loop's 60 s.
         kwargs["ssl_handshake_timeout"] = (dial.timeout_s + 1.0) if dial.timeout_s else None
     try:
-        transport, protocol = await loop.create_connection(
-            dial.protocol_factory, sock=sock, **kwargs
-        )
+        transport, protocol = await loop.create_connection(dial.protocol_factory, sock=sock, **kwargs)
     except OSError as e:
         _close_if_still_open(sock)
         raise _os_error(e, dial.target, address) from e
     except BaseException:
         _close_if_still_open(sock)
         raise
-    return transport, protocol  # type: ignore[return-value]
+    return transport, protocol
 
 
 def _close_if_still_open(sock: socket.socket) -> None:
@@ -309,9 +298,7 @@ async def _negotiate_ssl(sock: socket.socket, dial: _Dial, address: str) -> ssl.
     if answer == b"S":
         if _bytes_waiting(sock):
             # CVE-2021-23222: bytes injected before the handshake would be read as if encrypted.
-            raise UpstreamError(
-                "protocol", prefix + "received unencrypted data after SSL response", address=address
-            )
+            raise UpstreamError("protocol", prefix + "received unencrypted data after SSL response", address=address)
         return dial.ssl_context
     if answer == b"N":
         if dial.mode in (SslMode.ALLOW, SslMode.PREFER):
@@ -364,7 +351,7 @@ async def _read_error_text(sock: socket.socket, limit: int = 2048, wait_s: float
 
 def _error_complete(data: bytes) -> bool:
     if len(data) >= 4:
-        (length,) = struct.unpack("!I", data[:4])
+        length: int = struct.unpack("!I", data[:4])[0]
         if 4 <= length <= 1 << 16:
             return len(data) >= length
     return data.endswith(b"\0")
@@ -381,9 +368,7 @@ def _error_text(data: bytes) -> str:
     return data.split(b"\0", 1)[0].decode("utf-8", "replace").strip()
 
 
-def _check_host_name(
-    dial: _Dial, transport: asyncio.Transport, ctx: ssl.SSLContext, address: str
-) -> None:
+def _check_host_name(dial: _Dial, transport: asyncio.Transport, ctx: ssl.SSLContext, address: str) -> None:
     """verify-full without Python's check (sslsni=0 and a DNS name): check after the handshake,
     as libpq always does."""
     if dial.mode is not SslMode.VERIFY_FULL or ctx.check_hostname:
@@ -441,9 +426,7 @@ async def _open_unix(dial: _Dial) -> tuple[asyncio.Transport, asyncio.Protocol, 
         sock.close()
         if e.errno is not None:
             raise _os_error(e, target, path) from e
-        raise UpstreamError(
-            "timeout", _prefix(target, path) + "timeout expired", address=path
-        ) from None
+        raise UpstreamError("timeout", _prefix(target, path) + "timeout expired", address=path) from None
     except OSError as e:
         sock.close()
         raise _os_error(e, target, path) from e
@@ -465,7 +448,7 @@ def _os_error(e: OSError, target: UpstreamTarget, address: str) -> UpstreamError
     if isinstance(e, ssl.SSLError):
         return UpstreamError("tls", prefix + f"SSL error: {e.reason or e}", address=address)
     name = errno.errorcode.get(e.errno) if e.errno is not None else None
-    kind = _ERRNO_KINDS.get(e.errno, "unreachable") if e.errno is not None else "reset"
+    kind = ERRNO_KINDS.get(e.errno, "unreachable") if e.errno is not None else "reset"
     if e.errno is None and "handshake is taking longer" in str(e):
         kind = "timeout"
     # asyncio's own messages ("Connect call failed (...)") hide the plain errno text libpq shows.
@@ -475,7 +458,7 @@ def _os_error(e: OSError, target: UpstreamTarget, address: str) -> UpstreamError
 
 def apply_keepalive(sock: socket.socket, keepalive: KeepaliveConfig) -> None:
     """SO_KEEPALIVE with our idle/interval/count, TCP_USER_TIMEOUT, and TCP_NODELAY: a dead path
-    shows within seconds instead of the OS default of over two hours (reference/drops.md)."""
+    shows within seconds instead of the OS default of over two hours (docs/drops.md)."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     _set_tcp(sock, "TCP_KEEPIDLE", max(1, round(keepalive.idle_s)))
     _set_tcp(sock, "TCP_KEEPINTVL", max(1, round(keepalive.interval_s)))
@@ -523,21 +506,60 @@ def keepalive_readback(sock: socket.socket) -> dict[str, int]:
 # versions, so only the fields it filled are reported. Times are microseconds (rtt, rto) or
 # milliseconds (last_*), as the kernel gives them.
 _TCP_INFO_FIELDS: tuple[tuple[str, str], ...] = (
-    ("state", "B"), ("ca_state", "B"), ("retransmits", "B"), ("probes", "B"),
-    ("backoff", "B"), ("options", "B"), ("wscale", "B"), ("flags", "B"),
-    ("rto", "I"), ("ato", "I"), ("snd_mss", "I"), ("rcv_mss", "I"),
-    ("unacked", "I"), ("sacked", "I"), ("lost", "I"), ("retrans", "I"), ("fackets", "I"),
-    ("last_data_sent", "I"), ("last_ack_sent", "I"), ("last_data_recv", "I"),
+    ("state", "B"),
+    ("ca_state", "B"),
+    ("retransmits", "B"),
+    ("probes", "B"),
+    ("backoff", "B"),
+    ("options", "B"),
+    ("wscale", "B"),
+    ("flags", "B"),
+    ("rto", "I"),
+    ("ato", "I"),
+    ("snd_mss", "I"),
+    ("rcv_mss", "I"),
+    ("unacked", "I"),
+    ("sacked", "I"),
+    ("lost", "I"),
+    ("retrans", "I"),
+    ("fackets", "I"),
+    ("last_data_sent", "I"),
+    ("last_ack_sent", "I"),
+    ("last_data_recv", "I"),
     ("last_ack_recv", "I"),
-    ("pmtu", "I"), ("rcv_ssthresh", "I"), ("rtt", "I"), ("rttvar", "I"),
-    ("snd_ssthresh", "I"), ("snd_cwnd", "I"), ("advmss", "I"), ("reordering", "I"),
-    ("rcv_rtt", "I"), ("rcv_space", "I"), ("total_retrans", "I"),
-    ("pacing_rate", "Q"), ("max_pacing_rate", "Q"), ("bytes_acked", "Q"),
-    ("bytes_received", "Q"), ("segs_out", "I"), ("segs_in", "I"),
-    ("notsent_bytes", "I"), ("min_rtt", "I"), ("data_segs_in", "I"), ("data_segs_out", "I"),
-    ("delivery_rate", "Q"), ("busy_time", "Q"), ("rwnd_limited", "Q"), ("sndbuf_limited", "Q"),
-    ("delivered", "I"), ("delivered_ce", "I"), ("bytes_sent", "Q"), ("bytes_retrans", "Q"),
-    ("dsack_dups", "I"), ("reord_seen", "I"), ("rcv_ooopack", "I"), ("snd_wnd", "I"),
+    ("pmtu", "I"),
+    ("rcv_ssthresh", "I"),
+    ("rtt", "I"),
+    ("rttvar", "I"),
+    ("snd_ssthresh", "I"),
+    ("snd_cwnd", "I"),
+    ("advmss", "I"),
+    ("reordering", "I"),
+    ("rcv_rtt", "I"),
+    ("rcv_space", "I"),
+    ("total_retrans", "I"),
+    ("pacing_rate", "Q"),
+    ("max_pacing_rate", "Q"),
+    ("bytes_acked", "Q"),
+    ("bytes_received", "Q"),
+    ("segs_out", "I"),
+    ("segs_in", "I"),
+    ("notsent_bytes", "I"),
+    ("min_rtt", "I"),
+    ("data_segs_in", "I"),
+    ("data_segs_out", "I"),
+    ("delivery_rate", "Q"),
+    ("busy_time", "Q"),
+    ("rwnd_limited", "Q"),
+    ("sndbuf_limited", "Q"),
+    ("delivered", "I"),
+    ("delivered_ce", "I"),
+    ("bytes_sent", "Q"),
+    ("bytes_retrans", "Q"),
+    ("dsack_dups", "I"),
+    ("reord_seen", "I"),
+    ("rcv_ooopack", "I"),
+    ("snd_wnd", "I"),
 )
 _TCP_INFO_MAX = struct.calcsize("=" + "".join(f for _, f in _TCP_INFO_FIELDS))
 

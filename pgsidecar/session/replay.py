@@ -1,9 +1,9 @@
 """plan_replay: the messages that rebuild a session on a new connection, or a refusal.
 
-Order (DESIGN "Session rules"): the startup parameters travel in the StartupMessage itself; then
-session authorization and role (setting session_authorization resets role, so it goes first),
-other settings, SQL-level prepared statements, LISTEN channels, then protocol-level prepared
-statements from the client's own Parse bytes.
+Order (docs/architecture.md, "The drop path" 4): the startup parameters travel in the
+StartupMessage itself; then session authorization and role (setting session_authorization resets
+role, so it goes first), other settings, SQL-level prepared statements, LISTEN channels, then
+protocol-level prepared statements from the client's own Parse bytes.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import ClassVar, Self
+from typing import TYPE_CHECKING, ClassVar, Self
 
 from pgsidecar.wire.errors import ServerProtocolError
 from pgsidecar.wire.payload import NoPayload, PayloadReader, cstring, typed_message
@@ -311,9 +311,14 @@ class _Fields:
     fields: tuple[tuple[str, str], ...]
     TYPE: ClassVar[bytes]
 
+    if TYPE_CHECKING:  # each subclass is a dataclass of `fields`; its generated __init__ is this
+
+        def __init__(self, fields: tuple[tuple[str, str], ...]) -> None: ...
+
     @classmethod
-    def make(cls, severity: str, code: str, message: str, *,
-             detail: str | None = None, hint: str | None = None) -> Self:
+    def make(
+        cls, severity: str, code: str, message: str, *, detail: str | None = None, hint: str | None = None
+    ) -> Self:
         return cls(_make_fields(severity, code, message, detail, hint))
 
     def encode(self) -> bytes:
@@ -613,8 +618,20 @@ class DataRow:
 BY_TYPE: dict[bytes, type] = {
     cls.TYPE: cls
     for cls in (
-        ParameterStatus, BackendKeyData, ReadyForQuery, ErrorResponse, NoticeResponse,
-        CommandComplete, NegotiateProtocolVersion, NotificationResponse, ParseComplete,
-        BindComplete, CloseComplete, EmptyQueryResponse, NoData, RowDescription, DataRow,
+        ParameterStatus,
+        BackendKeyData,
+        ReadyForQuery,
+        ErrorResponse,
+        NoticeResponse,
+        CommandComplete,
+        NegotiateProtocolVersion,
+        NotificationResponse,
+        ParseComplete,
+        BindComplete,
+        CloseComplete,
+        EmptyQueryResponse,
+        NoData,
+        RowDescription,
+        DataRow,
     )
 }

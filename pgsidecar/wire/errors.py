@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-__all__ = ["ProtocolError", "ClientProtocolError", "ServerProtocolError"]
+__all__ = ["ClientProtocolError", "ProtocolError", "ServerProtocolError"]
 
 
 class ProtocolError(Exception):

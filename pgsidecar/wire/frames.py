@@ -62,12 +62,37 @@ class FrameScanner:
     except a named Parse (``whole_named_parse``), which is kept whole for replay.
     """
 
-    __slots__ = ("wanted", "allowed", "max_len", "limits", "prefix", "marks", "messages", "last_mark",
-                 "_skip", "_type", "_size", "_body", "_cap", "_head", "_client", "_named_parse")
+    __slots__ = (
+        "_body",
+        "_cap",
+        "_client",
+        "_head",
+        "_named_parse",
+        "_size",
+        "_skip",
+        "_type",
+        "allowed",
+        "last_mark",
+        "limits",
+        "marks",
+        "max_len",
+        "messages",
+        "prefix",
+        "wanted",
+    )
 
-    def __init__(self, wanted: bytes, max_len: int, *, client: bool, allowed: bytes | None = None,
-                 limits: list[int] | None = None, prefix: int | None = PREFIX_BYTES, marks: bytes = b"",
-                 whole_named_parse: bool = False) -> None:
+    def __init__(
+        self,
+        wanted: bytes,
+        max_len: int,
+        *,
+        client: bool,
+        allowed: bytes | None = None,
+        limits: list[int] | None = None,
+        prefix: int | None = PREFIX_BYTES,
+        marks: bytes = b"",
+        whole_named_parse: bool = False,
+    ) -> None:
         self.wanted = frozenset(wanted)
         # Types outside ``allowed`` are refused (a frontend message type PostgreSQL would reject).
         self.allowed = frozenset(allowed) if allowed is not None else None
@@ -179,7 +204,9 @@ class FrameScanner:
         kind = chr(t) if 32 < t < 127 else f"0x{t:02x}"
         if ln < 4:
             return f"invalid message length {ln} for message type {kind!r}"
-        return f"invalid message length: message type {kind!r} of {ln} bytes exceeds the limit of {self.limits[t]} bytes"
+        return (
+            f"invalid message length: message type {kind!r} of {ln} bytes exceeds the limit of {self.limits[t]} bytes"
+        )
 
     def _partial(self, t: int, size: int, remaining: int, head_of_body: bytes | memoryview) -> None:
         if self.allowed is not None and t not in self.allowed and t not in self.wanted:
@@ -203,7 +230,7 @@ class FrameScanner:
         if room > 0 and chunk:
             body += chunk[:room] if len(chunk) > room else chunk
 
-    def _start(self, t: int, ln: int, data: bytes | memoryview, i: int, out: list) -> int:
+    def _start(self, t: int, ln: int, data: bytes | memoryview, i: int, out: list[tuple[int, bytes]]) -> int:
         """Begin a message whose header was split across reads; returns the new offset."""
         if ln < 4 or ln > self.limits[t]:
             raise self._error(self._bad_length(t, ln))
@@ -221,7 +248,7 @@ class FrameScanner:
         self._partial(t, 1 + ln, body_len - (n - i), data[i:n])
         return n
 
-    def _continue_body(self, data: bytes | memoryview, out: list) -> int:
+    def _continue_body(self, data: bytes | memoryview, out: list[tuple[int, bytes]]) -> int:
         take = min(self._skip, len(data))
         if self._body is not None:
             self._collect(data[:take])
@@ -232,7 +259,7 @@ class FrameScanner:
                 self._body = None
                 whole = len(body) == self._size - 5
                 # A whole body is handed over without another copy (a named Parse may be large).
-                out.append((self._type, body if whole else Prefix(body)))
+                out.append((self._type, body if whole else Prefix(body)))  # type: ignore[arg-type]  # a bytearray handed over uncopied, read as bytes
                 if self._type in self.marks:
                     self.last_mark = self.messages + 1
             self.messages += 1
@@ -280,7 +307,7 @@ class MessageBuffer:
     """Whole typed messages, buffered: for login, pgsidecar's own queries and other paths off the
     hot one, where every message is read in full (FrameScanner serves the relay)."""
 
-    __slots__ = ("_buf", "max_len", "_client")
+    __slots__ = ("_buf", "_client", "max_len")
 
     def __init__(self, max_len: int, *, client: bool) -> None:
         self._buf = bytearray()

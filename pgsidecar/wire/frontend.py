@@ -109,8 +109,9 @@ class StartupMessage:
         if protocol >> 16 != 3:
             # postmaster answers "unsupported frontend protocol" with feature_not_supported.
             raise ClientProtocolError(
-                f"unsupported frontend protocol {protocol >> 16}.{protocol & 0xFFFF}: "
-                "server supports 3.0 to 3.0", sqlstate="0A000")
+                f"unsupported frontend protocol {protocol >> 16}.{protocol & 0xFFFF}: server supports 3.0 to 3.0",
+                sqlstate="0A000",
+            )
         params: dict[str, str] = {}
         while True:
             name = r.cstring()
@@ -153,7 +154,7 @@ class SSLRequest:
 
 @dataclass(frozen=True, slots=True)
 class GSSENCRequest:
-    """Asks for GSSAPI encryption; pgsidecar always answers N (docs/architecture.md)."""
+    """Asks for GSSAPI encryption; pgsidecar always answers N (docs/architecture.md, Auth)."""
 
     CODE: ClassVar[int] = GSSENC_REQUEST_CODE
 
@@ -301,8 +302,7 @@ class Parse:
 
     def encode(self) -> bytes:
         body = bytearray(cstring(self.name) + cstring(self.query))
-        body += struct.pack(f"!H{len(self.param_types)}I", len(self.param_types),
-                            *self.param_types)
+        body += struct.pack(f"!H{len(self.param_types)}I", len(self.param_types), *self.param_types)
         return typed_message(self.TYPE, bytes(body))
 
     @classmethod
@@ -409,7 +409,4 @@ class Terminate(_ClientNoPayload):
 
 #: Typed client messages by type byte, for the types that mean one thing only ('p' is left out:
 #: it is PasswordMessage, SASLInitialResponse or SASLResponse depending on the auth exchange).
-BY_TYPE: dict[bytes, type] = {
-    cls.TYPE: cls
-    for cls in (Query, Parse, Close, Describe, Execute, Sync, Flush, Terminate)
-}
+BY_TYPE: dict[bytes, type] = {cls.TYPE: cls for cls in (Query, Parse, Close, Describe, Execute, Sync, Flush, Terminate)}

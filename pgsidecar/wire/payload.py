@@ -11,7 +11,7 @@ from typing import ClassVar, Self
 
 from pgsidecar.wire.errors import ProtocolError
 
-__all__ = ["PayloadReader", "cstring", "typed_message", "untyped_message", "NoPayload"]
+__all__ = ["NoPayload", "PayloadReader", "cstring", "typed_message", "untyped_message"]
 
 
 _INT16 = struct.Struct("!h")
@@ -27,11 +27,9 @@ class PayloadReader:
     never struct.error, IndexError or UnicodeDecodeError.
     """
 
-    __slots__ = ("_buf", "_pos", "_error", "_what")
+    __slots__ = ("_buf", "_error", "_pos", "_what")
 
-    def __init__(
-        self, payload: bytes | bytearray | memoryview, error: type[ProtocolError], what: str
-    ) -> None:
+    def __init__(self, payload: bytes | bytearray | memoryview, error: type[ProtocolError], what: str) -> None:
         self._buf = bytes(payload)
         self._pos = 0
         self._error = error

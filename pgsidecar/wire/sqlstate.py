@@ -8,36 +8,9 @@ one; ``CLASSES`` maps the two-character class to the title of its ``Section:`` l
 with PostgreSQL 15's errcodes.txt the only differences are 25P04 and 2BP02 (added in 17) and
 72000 snapshot_too_old (removed in 17, so absent here although older servers can send it).
 
-To regenerate, save the script below as gen.py, run ``python gen.py errcodes.txt`` and put its
-output in place of everything below the marker::
-
-    import sys
-
-    constants, names, classes = [], {}, {}
-    for line in open(sys.argv[1], encoding="utf-8"):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("Section:"):
-            head, _, desc = line[len("Section: Class "):].partition(" - ")
-            classes[head] = desc
-            constants.append(f"\\n# Class {head}: {desc}")
-            continue
-        code, _kind, macro, *spec = line.split()
-        constants.append(f'{macro.removeprefix("ERRCODE_")} = "{code}"')
-        if spec and code not in names:
-            names[code] = spec[0]
-    print("\\n".join(constants).lstrip("\\n"))
-    print("\\n#: SQLSTATE -> PostgreSQL condition name (the PL/pgSQL name).")
-    print("NAMES: dict[str, str] = {")
-    for code, spec in names.items():
-        print(f'    "{code}": "{spec}",')
-    print("}")
-    print("\\n#: SQLSTATE class (first two characters) -> its title.")
-    print("CLASSES: dict[str, str] = {")
-    for head, desc in classes.items():
-        print(f'    "{head}": "{desc}",')
-    print("}")
+To regenerate: ``python tools/gen_sqlstate.py PATH/errcodes.txt --write`` rewrites everything
+below the marker (tools/gen_sqlstate.py says where errcodes.txt comes from); then update the
+"Source:" sentence above.
 """
 
 from __future__ import annotations

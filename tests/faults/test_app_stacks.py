@@ -3,7 +3,7 @@
 Each app keeps one connection between requests, the way production apps do (README "classic
 app", Django persistent connections, a SQLAlchemy pool without pre-ping); between two requests
 the server ends the session (pg_terminate_backend, idle_session_timeout, restarts, a crash of
-another backend). The sidecar must hide every one: DESIGN "Session rules", first row.
+another backend). The sidecar must hide every one: docs/session-rules.md, first row.
 Each test gets its own cluster and sidecar (`rig_factory`), since the faults are destructive.
 """
 
@@ -108,11 +108,9 @@ class Fault:
 
 
 TERMINATE = Fault("pg_terminate_backend", "admin_terminate", _terminate)
-IDLE_TIMEOUT = Fault("idle_session_timeout", "idle_session_timeout", _idle_session_timeout,
-                     _arm_idle_session_timeout)
+IDLE_TIMEOUT = Fault("idle_session_timeout", "idle_session_timeout", _idle_session_timeout, _arm_idle_session_timeout)
 FAST_RESTART = Fault("restart -m fast", "server_restart", lambda rig, _n: rig.cluster.restart("fast"))
-IMMEDIATE_RESTART = Fault("restart -m immediate", "server_restart",
-                          lambda rig, _n: rig.cluster.restart("immediate"))
+IMMEDIATE_RESTART = Fault("restart -m immediate", "server_restart", lambda rig, _n: rig.cluster.restart("immediate"))
 KILL9_OTHER = Fault("kill -9 of another backend", "server_crash", _kill9_other)
 ALL_IDLE_FAULTS = (TERMINATE, IDLE_TIMEOUT, FAST_RESTART, IMMEDIATE_RESTART, KILL9_OTHER)
 
@@ -122,8 +120,11 @@ def inject(rig: FaultRig, fault: Fault, *, sessions: int = 1, names: tuple[str, 
     every session's drop. Returns the new drop records."""
     before = len(rig.sidecar.drops())
     fault.inject(rig, names or (rig.app_name,))
-    wait_until(lambda: len(rig.sidecar.drops()) >= before + sessions, DROP_TIMEOUT_S,
-               f"{sessions} drop record(s) after {fault.name}")
+    wait_until(
+        lambda: len(rig.sidecar.drops()) >= before + sessions,
+        DROP_TIMEOUT_S,
+        f"{sessions} drop record(s) after {fault.name}",
+    )
     time.sleep(0.2)
     new = rig.sidecar.drops()[before:]
     for drop in new:
@@ -141,8 +142,7 @@ def test_classic_psycopg2_app_sees_no_drop_errors_across_all_idle_faults(rig_fac
     direct_name = "stack-psycopg2-direct"
 
     def direct_connect() -> Any:
-        return rig.cluster.connect(user="app", autocommit=False, application_name=direct_name,
-                                   **CLASSIC_KW)
+        return rig.cluster.connect(user="app", autocommit=False, application_name=direct_name, **CLASSIC_KW)
 
     direct = direct_connect()  # control: the same app without the sidecar
     app_errors: list[str] = []
@@ -185,8 +185,7 @@ def test_classic_psycopg2_app_sees_no_drop_errors_across_all_idle_faults(rig_fac
 
 def test_psycopg3_session_survives_terminate_and_fast_restart(rig_factory, worker):
     rig = rig_factory(app_name="stack-psycopg3")
-    dsn = rig.sidecar.dsn(password=rig.cluster.users["app"], application_name=rig.app_name,
-                          connect_timeout=10)
+    dsn = rig.sidecar.dsn(password=rig.cluster.users["app"], application_name=rig.app_name, connect_timeout=10)
     conn = worker(lambda: psycopg.connect(dsn))
 
     def req(n: int) -> int:
@@ -222,15 +221,24 @@ def test_asyncpg_session_survives_terminate_and_fast_restart(rig_factory):
 
     async def main() -> list[int]:
         conn = await asyncpg.connect(
-            host="127.0.0.1", port=rig.sidecar.port, user="app", password=rig.cluster.users["app"],
-            database="app", ssl=False, timeout=10, server_settings={"application_name": rig.app_name},
+            host="127.0.0.1",
+            port=rig.sidecar.port,
+            user="app",
+            password=rig.cluster.users["app"],
+            database="app",
+            ssl=False,
+            timeout=10,
+            server_settings={"application_name": rig.app_name},
         )
         try:
+
             async def req(n: int) -> int:
                 # asyncpg prepares named statements and caches them per connection.
                 value = await asyncio.wait_for(conn.fetchval("SELECT $1::int + 1", n), REQUEST_TIMEOUT_S)
                 assert value == n + 1
-                return await asyncio.wait_for(conn.fetchval("SELECT pg_backend_pid() /* stackreq */"), REQUEST_TIMEOUT_S)
+                return await asyncio.wait_for(
+                    conn.fetchval("SELECT pg_backend_pid() /* stackreq */"), REQUEST_TIMEOUT_S
+                )
 
             pids = [await req(0)]
             for n, fault in enumerate((TERMINATE, FAST_RESTART), start=1):
@@ -275,15 +283,25 @@ def _configure_django(rig: FaultRig) -> None:
     from django.db import connections
 
     db = {
-        "ENGINE": "django.db.backends.postgresql", "NAME": "app", "USER": "app",
-        "PASSWORD": rig.cluster.users["app"], "HOST": "127.0.0.1", "PORT": str(rig.sidecar.port),
-        "CONN_MAX_AGE": None, "CONN_HEALTH_CHECKS": False,
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": "app",
+        "USER": "app",
+        "PASSWORD": rig.cluster.users["app"],
+        "HOST": "127.0.0.1",
+        "PORT": str(rig.sidecar.port),
+        "CONN_MAX_AGE": None,
+        "CONN_HEALTH_CHECKS": False,
         "OPTIONS": {"sslmode": "disable", "application_name": rig.app_name, "connect_timeout": 10},
     }
     if not settings.configured:
         settings.configure(
-            DEBUG=False, SECRET_KEY="test", ALLOWED_HOSTS=["testserver"], USE_TZ=True,
-            ROOT_URLCONF=__name__, INSTALLED_APPS=["django.contrib.contenttypes"], MIDDLEWARE=[],
+            DEBUG=False,
+            SECRET_KEY="test",
+            ALLOWED_HOSTS=["testserver"],
+            USE_TZ=True,
+            ROOT_URLCONF=__name__,
+            INSTALLED_APPS=["django.contrib.contenttypes"],
+            MIDDLEWARE=[],
             DATABASES={"default": db},
         )
         django.setup()
@@ -303,6 +321,7 @@ def test_django_persistent_connection_survives_terminate_and_fast_restart(rig_fa
     client = Client()
     seen: list[dict] = []
     try:
+
         def get(n: int) -> dict:
             response = client.get("/q", {"n": n})  # raises what the view raised
             assert response.status_code == 200, response.content
@@ -329,8 +348,12 @@ def test_sqlalchemy_pool_without_pre_ping_survives_terminate_and_fast_restart(ri
 
     rig = rig_factory(app_name="stack-sqlalchemy")
     url = sa.engine.URL.create(
-        "postgresql+psycopg2", username="app", password=rig.cluster.users["app"], host="127.0.0.1",
-        port=rig.sidecar.port, database="app",
+        "postgresql+psycopg2",
+        username="app",
+        password=rig.cluster.users["app"],
+        host="127.0.0.1",
+        port=rig.sidecar.port,
+        database="app",
         query={"sslmode": "disable", "application_name": rig.app_name, "connect_timeout": "10"},
     )
     engine = sa.create_engine(url, pool_pre_ping=False, pool_size=1, max_overflow=0)

@@ -1,7 +1,7 @@
 """Drop records checked against what the test itself did: timings, upstream facts, one record per
 affected connection, certificate rotation, and `pgsidecar drops` reading the records produced here.
 
-DESIGN "Drop records" lists the fields; pgsidecar/drops/classify.py's docstring lists the rules.
+pgsidecar/drops/record.py defines the fields; pgsidecar/drops/classify.py's docstring lists the rules.
 Causes of the single faults (terminate, timeouts, restarts, crash, 53300) are checked in
 test_idle_faults.py; this module checks the rest of the record, the analyzer on real output, and
 the causes that need the server facts read after login: a reconnect the client abandoned, a
@@ -66,7 +66,10 @@ def _keep(rig: FaultRig) -> None:
 def _drops_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pgsidecar", "drops", *args],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
 
 
@@ -142,8 +145,12 @@ def test_one_record_per_client_on_restart_and_the_analyzer_correlates(rig_factor
     out = text.stdout
     # The story's headline: the moment, who, why. The clients' idle ages at a restart are
     # whatever they were, so no idle-age "cluster" is claimed for them.
-    assert re.search(r"^3 drops at \S+; 3 at \d\d:\d\d:\d\d across 1 sidecar \(3 clients\): server"
-                     r" restart \(postmaster start time changed", out, re.M), out
+    assert re.search(
+        r"^3 drops at \S+; 3 at \d\d:\d\d:\d\d across 1 sidecar \(3 clients\): server"
+        r" restart \(postmaster start time changed",
+        out,
+        re.M,
+    ), out
     assert "after the same idle time" not in out, out
     assert re.search(r"^\s+3\s+server_restart\s+server restart$", out, re.M), out
     assert re.search(r"^\s+3\s+server_restart: the server was restarted or shut down", out, re.M), out
@@ -257,8 +264,11 @@ def test_client_leaving_during_the_reconnect_after_a_terminate_is_no_restart(rig
     rig.cluster.sql("ALTER ROLE app CONNECTION LIMIT 0")
     try:
         assert rig.cluster.terminate(pid)
-        wait_until(lambda: _server_log_has(rig.cluster, "53300", "too many connections for role"),
-                   10.0, "the sidecar's reconnect refused with 53300")
+        wait_until(
+            lambda: _server_log_has(rig.cluster, "53300", "too many connections for role"),
+            10.0,
+            "the sidecar's reconnect refused with 53300",
+        )
         conn.close()  # the app leaves while the sidecar is still reconnecting
         drop = rig.one_drop()
     finally:
@@ -374,8 +384,7 @@ def test_identity_facts_are_skipped_where_they_would_fail_the_row(rig_factory):
     and timeline are left out, and the rest still decides. A function of that name in the app's
     database stands in for Aurora here."""
     rig = rig_factory()
-    rig.cluster.sql("CREATE FUNCTION public.aurora_version() RETURNS text LANGUAGE sql"
-                    " AS $$SELECT 'a lookalike'$$")
+    rig.cluster.sql("CREATE FUNCTION public.aurora_version() RETURNS text LANGUAGE sql AS $$SELECT 'a lookalike'$$")
     conn = rig.app()
     pid = _pid(conn)
     assert rig.cluster.terminate(pid)

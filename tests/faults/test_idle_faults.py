@@ -1,6 +1,6 @@
 """Real server faults while the classic psycopg2 app sits idle between requests.
 
-DESIGN "Session rules", first row: a drop while idle is invisible to the app; the next request
+docs/session-rules.md, first row: a drop while idle is invisible to the app; the next request
 simply works, and the drop log holds exactly one record with the cause the classifier gives.
 Each test has its own cluster and sidecar (`rig_factory`): these faults are destructive.
 """

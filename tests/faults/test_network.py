@@ -5,7 +5,8 @@ namespace (tests/fixtures/netns.py). The rules drop, reset or forget only the si
 packets on the veth, so the app's own flow to the sidecar (namespace loopback) is never touched.
 
 Keepalives are short here (idle 1 s, interval 1 s, count 2, so TCP_USER_TIMEOUT is derived as
-1 + 1 x 2 - 0.5 = 2.5 s, DESIGN "Upstream connection") so that a dead path is noticed in seconds.
+1 + 1 x 2 - 0.5 = 2.5 s, config/pgsidecar.yaml `upstream.keepalive.user_timeout`) so that a dead
+path is noticed in seconds.
 """
 
 from __future__ import annotations
@@ -45,8 +46,7 @@ def _epoch(iso: str) -> float:
 def _app(path: NetPath, side: SidecarProcess, cluster: Any, name: str) -> Any:
     """The classic psycopg2 app (README's keepalive and connect_timeout settings), connected
     from inside the namespace, autocommit off."""
-    dsn = side.dsn(password=cluster.users["app"], application_name=name,
-                   **{k: str(v) for k, v in CLASSIC_KW.items()})
+    dsn = side.dsn(password=cluster.users["app"], application_name=name, **{k: str(v) for k, v in CLASSIC_KW.items()})
     return path.call_inside(lambda: psycopg2.connect(dsn))
 
 
@@ -62,8 +62,7 @@ def _one(conn: Any, query: str, timeout_s: float = 30.0) -> Any:
 
 def _upstream_flow(cluster: Any, backend_pid: int) -> tuple[str, int]:
     """(client address, client port) of the sidecar's upstream connection as the server sees it."""
-    rows = cluster.sql("SELECT host(client_addr), client_port FROM pg_stat_activity WHERE pid = %s",
-                       (backend_pid,))
+    rows = cluster.sql("SELECT host(client_addr), client_port FROM pg_stat_activity WHERE pid = %s", (backend_pid,))
     assert rows, f"backend {backend_pid} not found"
     return rows[0][0], rows[0][1]
 
@@ -126,9 +125,15 @@ def test_keepalives_keep_a_forgetful_middlebox_from_dropping_the_flow(net_faults
     conn = _app(net_faults, side, net_pg, "net-middlebox")
     # Control: a direct connection across the same middlebox, its first keepalive after 60 s.
     # (libpq sets tcp_user_timeout only when keepalives are on.)
-    direct_dsn = net_pg.dsn(host=net_faults.host_addr, sslmode="verify-ca", keepalives=1,
-                            keepalives_idle=60, tcp_user_timeout=3000, connect_timeout=5,
-                            application_name="net-direct")
+    direct_dsn = net_pg.dsn(
+        host=net_faults.host_addr,
+        sslmode="verify-ca",
+        keepalives=1,
+        keepalives_idle=60,
+        tcp_user_timeout=3000,
+        connect_timeout=5,
+        application_name="net-direct",
+    )
     direct = net_faults.call_inside(lambda: psycopg2.connect(direct_dsn))
     try:
         pid1 = _one(conn, "SELECT pg_backend_pid()")

@@ -51,8 +51,7 @@ def _server_pid(conn: psycopg2.extensions.connection) -> int:
     return int(request(conn, "SELECT pg_backend_pid()")[0][0])
 
 
-def _probe(bouncer: PgBouncerProcess, cluster: PgCluster, fault: Any,
-           timeout: float) -> tuple[bool, list[ErrorSeen]]:
+def _probe(bouncer: PgBouncerProcess, cluster: PgCluster, fault: Any, timeout: float) -> tuple[bool, list[ErrorSeen]]:
     """What PgBouncer says to an idle raw client when `fault(server_pid)` happens."""
     probe = RawSession.open(bouncer.port, "app", cluster.users["app"], application_name="rawprobe")
     try:
@@ -65,8 +64,7 @@ def _probe(bouncer: PgBouncerProcess, cluster: PgCluster, fault: Any,
 
 
 def test_client_idle_timeout_is_upstream_pooler(bouncer_pg, pgbouncer_factory, sidecar_factory):
-    bouncer = pgbouncer_factory(bouncer_pg, pool_mode="transaction",
-                                settings={"client_idle_timeout": IDLE_TIMEOUT_S})
+    bouncer = pgbouncer_factory(bouncer_pg, pool_mode="transaction", settings={"client_idle_timeout": IDLE_TIMEOUT_S})
     closed, seen = _probe(bouncer, bouncer_pg, lambda pid: None, timeout=IDLE_TIMEOUT_S + 3)
     said = [(e.severity, e.sqlstate, e.message) for e in seen]
     assert closed and said == [("FATAL", "08P01", "client_idle_timeout")], said
@@ -130,11 +128,17 @@ def test_server_conn_terminated_under_idle_session(bouncer_pg, pgbouncer_factory
     # is what the classifier's rules make of exactly those words (classify.py: "the last
     # ErrorResponse read before the end"; rule 4). The 57P01 PgBouncer forwarded first is not kept.
     assert (obs["sqlstate"], obs["message"]) == said[-1], (obs, said)
-    expected = classify(Evidence(
-        observed=Observed(kind=obs["kind"], sqlstate=obs["sqlstate"], severity=obs["severity"],
-                          message=obs["message"]),
-        state="idle", idle_s=drop["idle_s"], age_s=drop["age_s"], keepalive_idle_s=10.0,
-    ))
+    expected = classify(
+        Evidence(
+            observed=Observed(
+                kind=obs["kind"], sqlstate=obs["sqlstate"], severity=obs["severity"], message=obs["message"]
+            ),
+            state="idle",
+            idle_s=drop["idle_s"],
+            age_s=drop["age_s"],
+            keepalive_idle_s=10.0,
+        )
+    )
     assert drop["cause"] == expected.cause.value == "upstream_pooler", (drop, expected)
     assert "pooler_text=server conn crashed?" in drop["evidence"]
     assert "closing because" in drop["hint"], drop["hint"]  # PgBouncer's log has its reason

@@ -1,6 +1,6 @@
 """Session state survives a drop: replayed on the new backend, or refused loudly.
 
-DESIGN "Session rules": settings (SET, set_config(..., false), SET ROLE), SQL and protocol-level
+docs/session-rules.md: settings (SET, set_config(..., false), SET ROLE), SQL and protocol-level
 prepared statements and LISTEN channels are replayed before the client's next message; a
 session holding a temporary table cannot be rebuilt, so the client gets FATAL 08006 naming it.
 """
@@ -66,9 +66,11 @@ def test_settings_role_sql_prepare_and_listen_are_replayed(rig_factory):
     assert drop["cause"] == "admin_terminate" and drop["impact"] == "transparent", drop
 
     with conn.cursor() as cur:
-        cur.execute("SELECT pg_backend_pid(), current_setting('search_path'), current_setting('app.x'),"
-                    " current_setting('statement_timeout'), current_setting('work_mem'),"
-                    " current_user, session_user")
+        cur.execute(
+            "SELECT pg_backend_pid(), current_setting('search_path'), current_setting('app.x'),"
+            " current_setting('statement_timeout'), current_setting('work_mem'),"
+            " current_user, session_user"
+        )
         pid, search_path, app_x, timeout, work_mem, user, session_user = cur.fetchone()
         cur.execute("SELECT v FROM where_am_i")  # resolved through the replayed search_path
         where = cur.fetchone()[0]
@@ -105,15 +107,13 @@ def test_protocol_prepared_statements_are_replayed_psycopg3(rig_factory):
         query = "SELECT %s::int * 2"
         assert conn.execute(query, (21,), prepare=True).fetchone() == (42,)
         assert conn.execute(query, (22,), prepare=True).fetchone() == (44,)
-        names = [r[0] for r in conn.execute(
-            "SELECT name FROM pg_prepared_statements WHERE NOT from_sql").fetchall()]
+        names = [r[0] for r in conn.execute("SELECT name FROM pg_prepared_statements WHERE NOT from_sql").fetchall()]
         assert names, "psycopg 3 prepared the statement at the protocol level"
         conn.execute("SELECT 1")  # an idle point after the Parse, so the state was snapshotted
         drop = _terminate_and_wait(rig, "pg3prep")
         # psycopg 3 believes the statement exists: it sends Bind/Execute on its name only.
         assert conn.execute(query, (50,), prepare=True).fetchone() == (100,)
-        after = [r[0] for r in conn.execute(
-            "SELECT name FROM pg_prepared_statements WHERE NOT from_sql").fetchall()]
+        after = [r[0] for r in conn.execute("SELECT name FROM pg_prepared_statements WHERE NOT from_sql").fetchall()]
         assert set(names) <= set(after)
     assert drop["impact"] == "transparent", drop
     report_reconnect("terminate with protocol-level prepared statements (psycopg 3)", drop)
@@ -123,9 +123,15 @@ def test_protocol_prepared_statements_are_replayed_asyncpg(rig_factory):
     rig = rig_factory()
 
     async def scenario() -> dict:
-        conn = await asyncpg.connect(host="127.0.0.1", port=rig.sidecar.port, user="app",
-                                     password=rig.cluster.users["app"], database="app", ssl=False,
-                                     server_settings={"application_name": "asyncpgprep"})
+        conn = await asyncpg.connect(
+            host="127.0.0.1",
+            port=rig.sidecar.port,
+            user="app",
+            password=rig.cluster.users["app"],
+            database="app",
+            ssl=False,
+            server_settings={"application_name": "asyncpgprep"},
+        )
         try:
             stmt = await conn.prepare("SELECT $1::int + 100")
             assert await stmt.fetchval(1) == 101
@@ -156,8 +162,9 @@ def test_temp_table_is_not_replayable(rig_factory):
     assert drop["impact"] == "fatal 08006 client closed", drop
     assert drop["cause"] == "admin_terminate", drop
 
-    modern = psycopg.connect(rig.sidecar.dsn(password=rig.cluster.users["app"], application_name="pg3temp"),
-                             autocommit=True)
+    modern = psycopg.connect(
+        rig.sidecar.dsn(password=rig.cluster.users["app"], application_name="pg3temp"), autocommit=True
+    )
     modern.execute("CREATE TEMP TABLE scratch (x int)")
     modern.execute("SELECT 1")
     _terminate_and_wait(rig, "pg3temp", count=2)

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import psycopg2
 import pytest
 
-
 pytestmark = [pytest.mark.server, pytest.mark.faults]
 
 THREADS = 8
@@ -87,13 +86,17 @@ def test_inserts_across_two_fast_restarts(rig_factory):
     extra = present - ok
     drops = rig.sidecar.wait_drops(THREADS * len(RESTART_AT_S))
     impacts = Counter(d["impact"].split(" (")[0] for d in drops)
-    print(f"WRITELOAD threads={THREADS} duration_s={DURATION_S:g} restarts={len(RESTART_AT_S)}"
-          f" attempts={sum(w.attempts for w in writers)} succeeded={len(ok)} rows={len(rows)}"
-          f" in_flight_errors={len(errors)} by_sqlstate={dict(codes)}"
-          f" unknown_outcome_committed={len(extra)} drops={len(drops)} impacts={dict(impacts)}")
+    print(
+        f"WRITELOAD threads={THREADS} duration_s={DURATION_S:g} restarts={len(RESTART_AT_S)}"
+        f" attempts={sum(w.attempts for w in writers)} succeeded={len(ok)} rows={len(rows)}"
+        f" in_flight_errors={len(errors)} by_sqlstate={dict(codes)}"
+        f" unknown_outcome_committed={len(extra)} drops={len(drops)} impacts={dict(impacts)}"
+    )
     reconnects = sorted(d["reconnect"]["duration_s"] for d in drops)
-    print(f"RECONNECT fault=write-load fast restarts n={len(reconnects)}"
-          f" min_s={reconnects[0]:.3f} max_s={reconnects[-1]:.3f}")
+    print(
+        f"RECONNECT fault=write-load fast restarts n={len(reconnects)}"
+        f" min_s={reconnects[0]:.3f} max_s={reconnects[-1]:.3f}"
+    )
 
     assert len(rows) == len(present), "no id is present twice"
     assert ok <= present, f"inserts the app saw succeed are missing: {sorted(ok - present)[:10]}"

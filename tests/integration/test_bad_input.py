@@ -32,8 +32,9 @@ STARTUP_TIMEOUT_S = 1.0
 @pytest.fixture(scope="module")
 def limited(pg) -> Iterator[SidecarProcess]:
     """A private sidecar with a 1 MB message limit and a 1 s startup timeout."""
-    proc = start_sidecar(upstream_dsn_for(pg), env={"PGSIDECAR_LISTEN_MAX_MESSAGE_SIZE": "1MB",
-                                                     "PGSIDECAR_LISTEN_STARTUP_TIMEOUT": "1s"})
+    proc = start_sidecar(
+        upstream_dsn_for(pg), env={"PGSIDECAR_LISTEN_MAX_MESSAGE_SIZE": "1MB", "PGSIDECAR_LISTEN_STARTUP_TIMEOUT": "1s"}
+    )
     yield proc
     proc.stop()
 
@@ -146,8 +147,7 @@ def read_until_ready(sock: socket.socket, timeout: float = 10.0) -> list[tuple[b
 def login_raw(pg, sidecar: SidecarProcess, application_name: str = "bad-input") -> tuple[socket.socket, str]:
     """A raw session through the sidecar, logged in and ready for queries."""
     sock, peer = connect_raw(sidecar)
-    sock.sendall(fe.StartupMessage({"user": "app", "database": "app",
-                                    "application_name": application_name}).encode())
+    sock.sendall(fe.StartupMessage({"user": "app", "database": "app", "application_name": application_name}).encode())
     sock.settimeout(10)
     data = sock.recv(65536)
     assert data == be.AuthenticationCleartextPassword().encode()
@@ -251,7 +251,7 @@ def test_unknown_message_type_after_login(pg, limited):
     """PostgreSQL answers an unknown message type with FATAL 08P01 and closes; the client must
     hear about it (an ErrorResponse 08P01 or a closed socket), not be silently reconnected."""
     with healthy(pg, limited):
-        sock, peer = login_raw(pg, limited)
+        sock, _peer = login_raw(pg, limited)
         with sock:
             sock.sendall(b"y" + struct.pack("!I", 4))
             data, closed = read_until_closed(sock, timeout=5)
@@ -265,8 +265,9 @@ def test_unknown_message_type_after_login(pg, limited):
 # ---------------------------------------------------------------- startup
 
 
-@pytest.mark.parametrize("garbage", [b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
-                                     b"\x00\x00\x00\x03garbage", b"\xff" * 16])
+@pytest.mark.parametrize(
+    "garbage", [b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", b"\x00\x00\x00\x03garbage", b"\xff" * 16]
+)
 def test_garbage_instead_of_a_startup_packet(pg, limited, garbage):
     with healthy(pg, limited):
         sock, peer = connect_raw(limited)

@@ -75,8 +75,7 @@ class RawClient:
             if kind == be.ReadyForQuery.TYPE:
                 return out
 
-    def startup(self, user: str, dbname: str = "app", *, protocol: int = fe.PROTOCOL_3_0,
-                **params: str) -> None:
+    def startup(self, user: str, dbname: str = "app", *, protocol: int = fe.PROTOCOL_3_0, **params: str) -> None:
         self.send(fe.StartupMessage({"user": user, "database": dbname, **params}, protocol).encode())
 
     def login(self, user: str, password: str, dbname: str = "app", **params: str) -> list[tuple[bytes, bytes]]:
@@ -207,7 +206,7 @@ def test_cancel_with_a_wrong_secret_or_pid_does_nothing(pg, sidecar, raw):
 
 def test_the_sidecar_secret_is_not_the_servers(pg, sidecar, raw):
     """The client's key is the sidecar's own: sent straight to the server it cancels nothing,
-    so a key leaked from the app is useless without the sidecar (DESIGN: Cancel)."""
+    so a key leaked from the app is useless without the sidecar (docs/architecture.md, Cancel)."""
     assert raw.key is not None
     raw.send(fe.Query("SELECT pg_sleep(30)").encode())
     wait_active(pg, raw.key.pid, "pg_sleep(30)")
@@ -225,6 +224,7 @@ def test_psycopg3_cancel_safe_over_tls_to_the_sidecar(pg, sidecar):
     try:
         pid = conn.info.backend_pid
         assert conn.execute("SELECT pg_backend_pid()").fetchone() == (pid,)
+
         def cancel_when_running() -> None:
             wait_active(pg, pid, "pg_sleep(30)")
             conn.cancel_safe(timeout=10)
@@ -243,7 +243,7 @@ def test_psycopg3_cancel_safe_over_tls_to_the_sidecar(pg, sidecar):
 
 def test_cancel_reaches_the_backend_serving_the_session_now(pg, sidecar, raw):
     """After a transparent reconnect the client keeps its first key; a cancel with it must reach
-    the new backend, with that backend's real key (DESIGN: Cancel)."""
+    the new backend, with that backend's real key (docs/architecture.md, Cancel)."""
     assert raw.key is not None
     first_pid = raw.key.pid
     assert pg.terminate(first_pid)

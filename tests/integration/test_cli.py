@@ -16,8 +16,9 @@ pytestmark = pytest.mark.server
 def _run(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PGSIDECAR_"))}
     base.update(env or {})
-    return subprocess.run([sys.executable, "-m", "pgsidecar", *args], capture_output=True, text=True,
-                          timeout=timeout, env=base)
+    return subprocess.run(
+        [sys.executable, "-m", "pgsidecar", *args], capture_output=True, text=True, timeout=timeout, env=base
+    )
 
 
 def test_version():
@@ -43,8 +44,15 @@ def test_check_reports_server_tls_certificate_and_keepalives(pg):
 
 
 def test_check_uses_pg_environment_variables(pg):
-    env = {"PGHOST": "localhost", "PGPORT": str(pg.port), "PGUSER": "app", "PGPASSWORD": pg.users["app"],
-           "PGSSLMODE": "verify-full", "PGSSLROOTCERT": pg.pki.ca_cert, "PGDATABASE": "app"}
+    env = {
+        "PGHOST": "localhost",
+        "PGPORT": str(pg.port),
+        "PGUSER": "app",
+        "PGPASSWORD": pg.users["app"],
+        "PGSSLMODE": "verify-full",
+        "PGSSLROOTCERT": pg.pki.ca_cert,
+        "PGDATABASE": "app",
+    }
     out = _run("check", env=env)
     assert out.returncode == 0, out.stderr
     assert "sslmode=verify-full" in out.stdout
@@ -75,8 +83,11 @@ def test_check_fails_clearly_on_wrong_password(pg):
 )
 def test_config_errors_are_one_line_exit_2_and_nothing_starts(args, env, key):
     port = free_port()
-    out = _run("run", "--metrics", "none", *args, env=env, timeout=20) if "--listen" in args else \
-        _run("run", "--metrics", "none", "--listen", f"127.0.0.1:{port}", *args, env=env, timeout=20)
+    out = (
+        _run("run", "--metrics", "none", *args, env=env, timeout=20)
+        if "--listen" in args
+        else _run("run", "--metrics", "none", "--listen", f"127.0.0.1:{port}", *args, env=env, timeout=20)
+    )
     assert out.returncode == 2, (out.stdout, out.stderr)
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, out.stderr

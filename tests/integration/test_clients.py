@@ -54,9 +54,11 @@ def table(pg) -> Iterator[str]:
 def test_psql_dash_c(pg, sidecar):
     psql = require_tool("psql")
     out = subprocess.run(
-        [psql, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c",
-         "SELECT current_user, current_database(), 6 * 7"],
-        env=_client_env(pg, sidecar), capture_output=True, text=True, timeout=30,
+        [psql, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", "SELECT current_user, current_database(), 6 * 7"],
+        env=_client_env(pg, sidecar),
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "app|app|42"
@@ -65,7 +67,7 @@ def test_psql_dash_c(pg, sidecar):
 def _csv_rows(count: int) -> str:
     """CSV in PostgreSQL's canonical output form: quotes only where needed (docs: COPY, "CSV
     Format"), so a round trip must give the same bytes back."""
-    texts = ['plain', 'comma, inside', 'quote " inside', 'new\nline', 'ünïcødé ✓', 'tab\tinside']
+    texts = ["plain", "comma, inside", 'quote " inside', "new\nline", "ünïcødé ✓", "tab\tinside"]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
     for i in range(count):
@@ -88,8 +90,13 @@ def test_psql_script_with_copy_in_and_out(pg, sidecar, table, tmp_path):
     )
     env = _client_env(pg, sidecar)
     env["PGCLIENTENCODING"] = "UTF8"
-    out = subprocess.run([psql, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-f", str(script)],
-                         env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [psql, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-f", str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "COPY 5000" in out.stdout and "\n5000\n" in f"\n{out.stdout}"
     assert target.read_bytes() == source.read_bytes()
@@ -109,8 +116,13 @@ def pgbench_db(pg, sidecar) -> Iterator[str]:
     dbname = _name("pgbench")
     pg.sql(f"CREATE DATABASE {dbname} OWNER app")
     try:
-        out = subprocess.run([pgbench, "-i", "-s", "1", "-q"], env=_client_env(pg, sidecar, dbname),
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [pgbench, "-i", "-s", "1", "-q"],
+            env=_client_env(pg, sidecar, dbname),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr
         assert "done in" in out.stderr, out.stderr
         count = pg.connect(dbname=dbname).cursor()
@@ -127,7 +139,9 @@ def test_pgbench_run(pg, sidecar, pgbench_db, mode):
     pgbench = require_tool("pgbench")
     out = subprocess.run(
         [pgbench, "-n", "-c", "4", "-j", "2", "-T", str(PGBENCH_SECONDS), "-M", mode],
-        env=_client_env(pg, sidecar, pgbench_db), capture_output=True, text=True,
+        env=_client_env(pg, sidecar, pgbench_db),
+        capture_output=True,
+        text=True,
         timeout=PGBENCH_SECONDS + 60,
     )
     assert out.returncode == 0, out.stdout + out.stderr
@@ -143,8 +157,7 @@ def test_pgbench_run(pg, sidecar, pgbench_db, mode):
 
 # -- psycopg2 -------------------------------------------------------------------------------
 
-KEEPALIVE_ARGS = dict(keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=5,
-                      connect_timeout=10)
+KEEPALIVE_ARGS = dict(keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=5, connect_timeout=10)
 
 
 @pytest.fixture
@@ -243,8 +256,7 @@ def test_psycopg3_pipeline_mode(pg3, table):
 
 
 def test_psycopg3_binary_copy_in_and_out(pg3, table):
-    rows = [(i, bytes([i % 256]) * (i % 50), Decimal(i) / 7, None if i % 10 == 0 else f"t{i}")
-            for i in range(20_000)]
+    rows = [(i, bytes([i % 256]) * (i % 50), Decimal(i) / 7, None if i % 10 == 0 else f"t{i}") for i in range(20_000)]
     pg3.execute(f"CREATE TABLE {table} (id int, b bytea, n numeric, t text)")
     types = ["int4", "bytea", "numeric", "text"]
     with pg3.cursor() as cur:
@@ -279,7 +291,8 @@ def test_psycopg3_prepared_statements(pg, sidecar, pg3):
         for i in range(5):
             assert eager.execute("SELECT %s::text || '!'", (f"x{i}",)).fetchone() == (f"x{i}!",)
         statements = eager.execute(
-            "SELECT statement FROM pg_prepared_statements WHERE name LIKE '\\_pg3\\_%'").fetchall()
+            "SELECT statement FROM pg_prepared_statements WHERE name LIKE '\\_pg3\\_%'"
+        ).fetchall()
         assert any("|| '!'" in s[0] for s in statements), statements
     finally:
         eager.close()
@@ -311,8 +324,9 @@ def test_psycopg3_listen_notify_delivered(pg, sidecar, pg3):
 
 
 async def _asyncpg_connect(pg, sidecar) -> asyncpg.Connection:
-    return await asyncpg.connect(host="127.0.0.1", port=sidecar.port, user="app",
-                                 password=pg.users["app"], database="app", ssl=False, timeout=10)
+    return await asyncpg.connect(
+        host="127.0.0.1", port=sidecar.port, user="app", password=pg.users["app"], database="app", ssl=False, timeout=10
+    )
 
 
 def test_asyncpg_prepared_statements(pg, sidecar):

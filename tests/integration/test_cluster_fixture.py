@@ -108,9 +108,7 @@ def test_plaintext_is_allowed_for_sslmode_disable(pg: PgCluster) -> None:
         ("app_plain", "SCRAM-SHA-256$", "password"),
     ],
 )
-def test_each_role_uses_its_auth_method(
-    pg: PgCluster, user: str, stored_prefix: str, method: str
-) -> None:
+def test_each_role_uses_its_auth_method(pg: PgCluster, user: str, stored_prefix: str, method: str) -> None:
     stored = pg.sql("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (user,))[0][0]
     assert stored.startswith(stored_prefix)
     conn = pg.connect(user=user)
@@ -135,8 +133,13 @@ def test_wrong_password_is_28P01(pg: PgCluster, user: str) -> None:
     async def attempt() -> None:
         ctx = ssl.create_default_context(cafile=pg.pki.ca_cert)
         await asyncpg.connect(
-            host="localhost", port=pg.port, user=user, password="wrong", database="app",
-            ssl=ctx, timeout=10,
+            host="localhost",
+            port=pg.port,
+            user=user,
+            password="wrong",
+            database="app",
+            ssl=ctx,
+            timeout=10,
         )
 
     with pytest.raises(asyncpg.InvalidPasswordError) as info:
@@ -168,7 +171,11 @@ def test_env_drives_psql_over_tls(pg: PgCluster) -> None:
     psql = require_tool("psql")
     out = subprocess.run(
         [psql, "-X", "-tAc", "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"],
-        env=pg.env(), capture_output=True, text=True, timeout=30, check=True,
+        env=pg.env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     )
     assert out.stdout.strip() == "t"
 

@@ -11,8 +11,10 @@ pytestmark = pytest.mark.server
 
 
 def test_configured_trust_uses_the_configured_upstream_user(pg, sidecar_factory):
-    sc = sidecar_factory(upstream_dsn_for(pg, user="app", dbname="app"),
-                         env={"PGSIDECAR_AUTH_MODE": "configured", "PGPASSWORD": pg.users["app"]})
+    sc = sidecar_factory(
+        upstream_dsn_for(pg, user="app", dbname="app"),
+        env={"PGSIDECAR_AUTH_MODE": "configured", "PGPASSWORD": pg.users["app"]},
+    )
     # The client names another user and no password: the configured credentials go upstream.
     conn = psycopg2.connect(f"host=127.0.0.1 port={sc.port} user=whoever dbname=x sslmode=disable")
     with conn.cursor() as cur:
@@ -23,9 +25,15 @@ def test_configured_trust_uses_the_configured_upstream_user(pg, sidecar_factory)
 
 
 def test_configured_scram_checks_the_local_password(pg, sidecar_factory):
-    sc = sidecar_factory(upstream_dsn_for(pg, user="app", dbname="app"),
-                         env={"PGSIDECAR_AUTH_MODE": "configured", "PGPASSWORD": pg.users["app"],
-                              "PGSIDECAR_AUTH_CLIENT_AUTH": "scram", "PGSIDECAR_AUTH_CLIENT_PASSWORD": "local-secret"})
+    sc = sidecar_factory(
+        upstream_dsn_for(pg, user="app", dbname="app"),
+        env={
+            "PGSIDECAR_AUTH_MODE": "configured",
+            "PGPASSWORD": pg.users["app"],
+            "PGSIDECAR_AUTH_CLIENT_AUTH": "scram",
+            "PGSIDECAR_AUTH_CLIENT_PASSWORD": "local-secret",
+        },
+    )
     conn = psycopg2.connect(f"host=127.0.0.1 port={sc.port} user=app dbname=app password=local-secret sslmode=disable")
     with conn.cursor() as cur:
         cur.execute("SELECT current_user")

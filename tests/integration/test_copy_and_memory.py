@@ -1,7 +1,7 @@
 """Bulk data through the sidecar: COPY of 100 MB both ways with checksums, a 200 MB result under
 a memory bound, and a client that leaves in the middle of a large result.
 
-DESIGN (The relay): backpressure both ways, memory per session bounded by configuration and not
+docs/architecture.md ("The hot path"): backpressure both ways, memory per session bounded by configuration and not
 by the size of a result.
 """
 
@@ -48,7 +48,7 @@ class GeneratedCopy:
         stop = min(self.rows, self.next_row + 10_000)
         for i in range(self.next_row, stop):
             start = (i * 37) % 900
-            lines.append(f"{i:07d}\t{_BLOCK[start:start + 96]}\n")
+            lines.append(f"{i:07d}\t{_BLOCK[start : start + 96]}\n")
         self.next_row = stop
         chunk = "".join(lines)
         data = chunk.encode()
@@ -238,8 +238,7 @@ def test_client_gone_mid_result_releases_the_backend(pg, sidecar_factory, how):
     else:
         client.sock.shutdown(socket.SHUT_RDWR)
         client.sock.close()
-    _wait_for(lambda: not pg.backend_pids(application_name=app), 5.0,
-              "the upstream backend was not released")
+    _wait_for(lambda: not pg.backend_pids(application_name=app), 5.0, "the upstream backend was not released")
     again = psycopg2.connect(private.dsn(password=pg.users["app"]))
     try:
         with again.cursor() as cur:
@@ -247,7 +246,10 @@ def test_client_gone_mid_result_releases_the_backend(pg, sidecar_factory, how):
             assert cur.fetchone() == (42,)
     finally:
         again.close()
-    _wait_for(lambda: _fd_count(pid) <= baseline_fds, 5.0,
-              f"sidecar fds did not return to {baseline_fds} (now {_fd_count(pid)})")
+    _wait_for(
+        lambda: _fd_count(pid) <= baseline_fds,
+        5.0,
+        f"sidecar fds did not return to {baseline_fds} (now {_fd_count(pid)})",
+    )
     assert private.alive()
     assert private.drops() == [], "a client leaving is not an upstream drop"

@@ -5,6 +5,7 @@ value (exit 2), and `listen.backlog` reaching the listening sockets and absorbin
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import resource
@@ -94,9 +95,11 @@ def test_known_variable_with_bad_value_exits_2_with_one_line():
     env.update(K8S_SERVICE_LINKS, **WRAPPER_VARIABLE, PGSIDECAR_LISTEN_PORT="abc")
     # No --listen: the flag would override the variable under test.
     out = subprocess.run(
-        [sys.executable, "-m", "pgsidecar", "run", "--upstream", "host=127.0.0.1 sslmode=disable",
-         "--metrics", "none"],
-        capture_output=True, text=True, timeout=30, env=env,
+        [sys.executable, "-m", "pgsidecar", "run", "--upstream", "host=127.0.0.1 sslmode=disable", "--metrics", "none"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
     )
     assert out.returncode == 2, (out.stdout, out.stderr)
     assert out.stdout == ""
@@ -110,8 +113,7 @@ def _ss_listen_queues(*filter_args: str) -> tuple[int, int]:
     """(Recv-Q, Send-Q) of the one listening socket `ss` finds: for a listener Recv-Q is the
     accept queue now and Send-Q the backlog the kernel applied (listen() capped at somaxconn)."""
     ss = shutil.which("ss") or unavailable("tool 'ss' not found (iproute2)")
-    out = subprocess.run([ss, "-Hln", *filter_args], capture_output=True, text=True, timeout=10,
-                         check=True).stdout
+    out = subprocess.run([ss, "-Hln", *filter_args], capture_output=True, text=True, timeout=10, check=True).stdout
     rows = [line.split() for line in out.splitlines() if "LISTEN" in line.split()]
     assert len(rows) == 1, out
     at = rows[0].index("LISTEN")
@@ -136,9 +138,9 @@ def _listen_overflows() -> int:
             lines = handle.read().splitlines()
     except OSError:
         unavailable("/proc/net/netstat is not readable")
-    for names, values in zip(lines, lines[1:]):
+    for names, values in itertools.pairwise(lines):
         if names.startswith("TcpExt:") and values.startswith("TcpExt:"):
-            return int(dict(zip(names.split()[1:], values.split()[1:]))["ListenOverflows"])
+            return int(dict(zip(names.split()[1:], values.split()[1:], strict=False))["ListenOverflows"])
     unavailable("no TcpExt ListenOverflows in /proc/net/netstat")
 
 
@@ -216,7 +218,8 @@ def test_burst_of_1500_connects_does_not_overflow_the_default_backlog(pg, sideca
     try:
         dropped = _not_established(socks)
         assert (overflows, dropped) == (0, 0), (
-            f"ListenOverflows grew by {overflows}; {dropped} of {BURST} connects had their SYN dropped")
+            f"ListenOverflows grew by {overflows}; {dropped} of {BURST} connects had their SYN dropped"
+        )
         assert _all_connected(socks, timeout=10.0)
     finally:
         for sock in socks:

@@ -1,7 +1,7 @@
 """The client side of the sidecar before a session starts: local TLS in its three modes,
 GSSENCRequest, the cleartext-password rule, and NegotiateProtocolVersion.
 
-DESIGN (Auth): local TLS is on by default with a certificate generated at start, a configured
+docs/architecture.md (Auth): local TLS is on by default with a certificate generated at start, a configured
 certificate serves apps that verify, `listen.tls: disable` answers N; GSSENCRequest is always N.
 """
 
@@ -58,8 +58,7 @@ def test_generated_certificate_fails_verification_against_an_unrelated_ca(pg, si
     """verify-full against the generated certificate must fail: it is not signed by any CA the
     app trusts, which is why a configured certificate exists."""
     with pytest.raises(psycopg2.OperationalError, match="certificate verify failed"):
-        psycopg2.connect(sidecar.dsn(password=pg.users["app"], sslmode="verify-full",
-                                     sslrootcert=pg.pki.ca_cert))
+        psycopg2.connect(sidecar.dsn(password=pg.users["app"], sslmode="verify-full", sslrootcert=pg.pki.ca_cert))
 
 
 # -- configured certificate and key -------------------------------------------------------
@@ -71,8 +70,7 @@ def test_configured_certificate_passes_verify_full(pg, sidecar_factory, tmp_path
         upstream_dsn_for(pg),
         env={"PGSIDECAR_LISTEN_TLS_CERT": pki.server_cert, "PGSIDECAR_LISTEN_TLS_KEY": pki.server_key},
     )
-    conn = psycopg2.connect(private.dsn(password=pg.users["app"], sslmode="verify-full",
-                                        sslrootcert=pki.ca_cert))
+    conn = psycopg2.connect(private.dsn(password=pg.users["app"], sslmode="verify-full", sslrootcert=pki.ca_cert))
     try:
         assert conn.info.ssl_in_use
         _select_one(conn)
@@ -80,8 +78,7 @@ def test_configured_certificate_passes_verify_full(pg, sidecar_factory, tmp_path
         conn.close()
     # The upstream CA does not vouch for the listen certificate: proves which one was served.
     with pytest.raises(psycopg2.OperationalError, match="certificate verify failed"):
-        psycopg2.connect(private.dsn(password=pg.users["app"], sslmode="verify-full",
-                                     sslrootcert=pg.pki.ca_cert))
+        psycopg2.connect(private.dsn(password=pg.users["app"], sslmode="verify-full", sslrootcert=pg.pki.ca_cert))
 
 
 # -- listen.tls: disable -------------------------------------------------------------------

@@ -93,15 +93,19 @@ def test_metrics_after_admin_terminate(pg_factory, sidecar_factory):
     assert 0 < metric(text, "pgsidecar_reconnect_duration_seconds_sum") < 20
     assert metric(text, "pgsidecar_client_connections") == 1
     # The fixture's readiness check was a client connection too.
-    assert metric(text, "pgsidecar_client_connections_total") == metric(before, "pgsidecar_client_connections_total") + 1
+    assert (
+        metric(text, "pgsidecar_client_connections_total") == metric(before, "pgsidecar_client_connections_total") + 1
+    )
     assert metric(text, "pgsidecar_upstream_connections", state="connected") == 1
     assert metric(text, "pgsidecar_bytes_total", direction="client_to_server") > 100
     assert metric(text, "pgsidecar_bytes_total", direction="server_to_client") > 100
     expiry = metric(text, "pgsidecar_upstream_certificate_expiry_timestamp_seconds")
     assert expiry is not None and time.time() < expiry < time.time() + 400 * 86400
     assert metric(text, "pgsidecar_client_errors_total", sqlstate="08006") is None, "a hidden drop sends no error"
-    print("\n/metrics after pg_terminate_backend of an idle session:\n" + "\n".join(
-        line for line in text.splitlines() if line.startswith("pgsidecar_") and "_bucket" not in line))
+    print(
+        "\n/metrics after pg_terminate_backend of an idle session:\n"
+        + "\n".join(line for line in text.splitlines() if line.startswith("pgsidecar_") and "_bucket" not in line)
+    )
     conn.close()
     deadline = time.monotonic() + 5
     while metric(scrape(sc), "pgsidecar_client_connections") != 0 and time.monotonic() < deadline:

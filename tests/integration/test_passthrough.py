@@ -66,7 +66,8 @@ def test_psql_over_unix_socket(pg, sidecar):
     env = pg.env()
     env.update(PGHOST=sidecar.unix_dir, PGPORT=str(sidecar.port), PGSSLMODE="disable")
     env.pop("PGSSLROOTCERT", None)
-    out = subprocess.run([psql, "-XAtc", "SELECT current_user || ':' || 42"], env=env,
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [psql, "-XAtc", "SELECT current_user || ':' || 42"], env=env, capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "app:42"

@@ -111,6 +111,7 @@ class HoldingRelay:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
         try:
             self._call(shutdown())
         finally:
@@ -163,8 +164,7 @@ def test_reconnect_is_served_before_queued_first_logins(pg, sidecar_factory):
     firsts: list[socket.socket] = []
     probe = None
     try:
-        upstream = upstream_dsn_for(pg).replace(f"host=localhost port={pg.port}",
-                                                f"host=127.0.0.1 port={relay.port}")
+        upstream = upstream_dsn_for(pg).replace(f"host=localhost port={pg.port}", f"host=127.0.0.1 port={relay.port}")
         assert f"port={relay.port}" in upstream
         side = sidecar_factory(upstream, metrics=True, env={"PGSIDECAR_RECONNECT_MAX_CONCURRENT": "1"})
         password = pg.users["app"]
@@ -181,13 +181,19 @@ def test_reconnect_is_served_before_queued_first_logins(pg, sidecar_factory):
             firsts.append(sock)
             sock.sendall(_startup("app", "app", f"{FIRST}{i:02d}"))
         # One first login holds the only slot (inside the relay); the others wait for it.
-        wait_until(lambda: relay.accepted >= base + 1 and _connecting(side.metrics_port) == FIRST_LOGINS,
-                   20, "every first login queued behind the one holding the slot")
+        wait_until(
+            lambda: relay.accepted >= base + 1 and _connecting(side.metrics_port) == FIRST_LOGINS,
+            20,
+            "every first login queued behind the one holding the slot",
+        )
 
         assert pg.terminate(old_pid)
         # The probe's reconnect has joined the queue (or, with priority, taken the reserved slot).
-        wait_until(lambda: _connecting(side.metrics_port) == FIRST_LOGINS + 1, 20,
-                   "the established session's reconnect waiting for a connect slot")
+        wait_until(
+            lambda: _connecting(side.metrics_port) == FIRST_LOGINS + 1,
+            20,
+            "the established session's reconnect waiting for a connect slot",
+        )
         relay.release()
 
         for sock in firsts:
@@ -197,8 +203,11 @@ def test_reconnect_is_served_before_queued_first_logins(pg, sidecar_factory):
             new_pid = cur.fetchone()[0]
         assert new_pid != old_pid
 
-        rows = pg.sql("SELECT client_port, application_name FROM pg_stat_activity"
-                      " WHERE application_name = %s OR application_name LIKE %s", (PROBE, FIRST + "%"))
+        rows = pg.sql(
+            "SELECT client_port, application_name FROM pg_stat_activity"
+            " WHERE application_name = %s OR application_name LIKE %s",
+            (PROBE, FIRST + "%"),
+        )
         by_port = dict(rows)
         # The relay's order, kept to these sessions (the health probe's TCP/TLS checks also pass).
         order = [by_port[port] for port in relay.upstream_ports if port in by_port]
@@ -210,8 +219,10 @@ def test_reconnect_is_served_before_queued_first_logins(pg, sidecar_factory):
         drops = side.wait_drops(1, timeout=20)
         assert len(drops) == 1, drops
         assert drops[0]["impact"] == "transparent" and drops[0]["reconnect"]["succeeded"] is True, drops[0]
-        print(f"ORDER reconnect served after {ahead} first login(s); "
-              f"reconnect.duration_s={drops[0]['reconnect'].get('duration_s')}")
+        print(
+            f"ORDER reconnect served after {ahead} first login(s); "
+            f"reconnect.duration_s={drops[0]['reconnect'].get('duration_s')}"
+        )
     finally:
         for sock in firsts:
             try:

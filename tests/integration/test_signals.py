@@ -86,8 +86,9 @@ def test_sighup_rotates_the_local_certificate_and_keeps_sessions(pg, sidecar_fac
     cert, key = tmp_path / "listen.crt", tmp_path / "listen.key"
     shutil.copy(pki.server_cert, cert)
     shutil.copy(pki.server_key, key)
-    sc = sidecar_factory(upstream_dsn_for(pg),
-                         env={"PGSIDECAR_LISTEN_TLS_CERT": str(cert), "PGSIDECAR_LISTEN_TLS_KEY": str(key)})
+    sc = sidecar_factory(
+        upstream_dsn_for(pg), env={"PGSIDECAR_LISTEN_TLS_CERT": str(cert), "PGSIDECAR_LISTEN_TLS_KEY": str(key)}
+    )
     old_fp = certificate_fingerprint(pki.server_cert)
     assert _local_cert_fingerprint(sc.port) == old_fp
     session = _connect(sc, pg, sslmode="verify-full", sslrootcert=pki.ca_cert, host="localhost")

@@ -54,8 +54,9 @@ def unique(prefix: str) -> str:
 def login(pg, sc: SidecarProcess, app: str, user: str = "app") -> RawPg:
     """A raw session through the sidecar, logged in with the cleartext password it asks for."""
     client = RawPg.tcp(sc.port)
-    client.login(startup_packet({b"user": user.encode(), b"database": b"app",
-                                 b"application_name": app.encode()}), pg.users[user])
+    client.login(
+        startup_packet({b"user": user.encode(), b"database": b"app", b"application_name": app.encode()}), pg.users[user]
+    )
     return client
 
 
@@ -405,12 +406,12 @@ def test_startup_parameter_that_is_not_utf8(pg, sidecar_factory):
     app = server_made.decode()  # PostgreSQL 15 keeps ASCII only (pg_clean_ascii)
 
     sc = sidecar_factory(upstream_dsn_for(pg), metrics=True)
-    clients_before = wait_for(lambda: scrape_or_none(sc, "pgsidecar_client_connections"), 10,
-                              "no /metrics from the sidecar")[0]
+    clients_before = wait_for(
+        lambda: scrape_or_none(sc, "pgsidecar_client_connections"), 10, "no /metrics from the sidecar"
+    )[0]
     client = RawPg.tcp(sc.port)
     try:
-        client.login(startup_packet({b"user": b"app", b"database": b"app", b"application_name": name}),
-                     pg.users["app"])
+        client.login(startup_packet({b"user": b"app", b"database": b"app", b"application_name": name}), pg.users["app"])
         first = backend_pid(client)
         assert backends(pg, app) == [first]
         log_offset = os.path.getsize(pg.log_path)
@@ -419,8 +420,7 @@ def test_startup_parameter_that_is_not_utf8(pg, sidecar_factory):
         with open(pg.log_path, "rb") as fh:
             fh.seek(log_offset)
             server_log = fh.read().decode(errors="replace")
-        logins = [line for line in server_log.splitlines()
-                  if "connection authorized" in line and suffix in line]
+        logins = [line for line in server_log.splitlines() if "connection authorized" in line and suffix in line]
         assert 1 <= len(logins) <= 3, f"{len(logins)} upstream logins in 3 s after one drop"
         assert len(sc.drops()) == 1, sc.drops()
         logs = sc.logs()
@@ -431,8 +431,11 @@ def test_startup_parameter_that_is_not_utf8(pg, sidecar_factory):
         assert pg.sql("SELECT application_name FROM pg_stat_activity WHERE pid = %s", (now,)) == [(app,)]
     finally:
         client.close()
-    wait_for(lambda: metric(sc, "pgsidecar_client_connections") == clients_before, 10,
-             "pgsidecar_client_connections did not return to its value before the test")
+    wait_for(
+        lambda: metric(sc, "pgsidecar_client_connections") == clients_before,
+        10,
+        "pgsidecar_client_connections did not return to its value before the test",
+    )
     assert len(sc.drops()) == 1
 
 
@@ -524,13 +527,16 @@ def _case_named_parse(pg, sc: SidecarProcess) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("case", "bound_kib"), [
-    pytest.param(_case_error, RSS_BOUND_KIB, id="error-response-100mb"),
-    pytest.param(_case_notice, RSS_BOUND_KIB, id="notice-response-100mb"),
-    pytest.param(_case_unnamed_parse, RSS_BOUND_KIB, id="unnamed-parse-100mb"),
-    pytest.param(_case_query, RSS_BOUND_KIB, id="simple-query-100mb"),
-    pytest.param(_case_named_parse, HUNDRED_MB // KIB + NAMED_EXTRA_KIB, id="named-parse-100mb-kept"),
-])
+@pytest.mark.parametrize(
+    ("case", "bound_kib"),
+    [
+        pytest.param(_case_error, RSS_BOUND_KIB, id="error-response-100mb"),
+        pytest.param(_case_notice, RSS_BOUND_KIB, id="notice-response-100mb"),
+        pytest.param(_case_unnamed_parse, RSS_BOUND_KIB, id="unnamed-parse-100mb"),
+        pytest.param(_case_query, RSS_BOUND_KIB, id="simple-query-100mb"),
+        pytest.param(_case_named_parse, HUNDRED_MB // KIB + NAMED_EXTRA_KIB, id="named-parse-100mb-kept"),
+    ],
+)
 def test_memory_for_a_100mb_message(pg, sidecar_factory, case, bound_kib):
     """Defect: messages pgsidecar reads (ErrorResponse, NoticeResponse, Parse, Query) were collected
     whole and then copied several times: a 100 MB one raised the sidecar's peak RSS by 266-420 MB.
@@ -546,7 +552,8 @@ def test_memory_for_a_100mb_message(pg, sidecar_factory, case, bound_kib):
     assert sc.alive()
     assert growth <= bound_kib, (
         f"peak RSS grew {growth} KiB over the baseline peak {baseline} KiB (RSS then {rss_then} KiB);"
-        f" bound {bound_kib} KiB")
+        f" bound {bound_kib} KiB"
+    )
 
 
 # ---------------------------------------------------------------- 5: the server's words reach the app
@@ -647,8 +654,12 @@ def test_request_in_flight_when_the_server_ends_the_session(pg, private):
 
     def terminator() -> None:
         def sleeping() -> list:
-            return pg.sql("SELECT pid FROM pg_stat_activity WHERE application_name = %s"
-                          " AND state = 'active' AND query LIKE 'SELECT pg_sleep%%'", (app,))
+            return pg.sql(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = %s"
+                " AND state = 'active' AND query LIKE 'SELECT pg_sleep%%'",
+                (app,),
+            )
+
         found = wait_for(sleeping, 10, "the backend never ran pg_sleep")
         terminate(pg, found[0][0])
         terminated.append(found[0][0])

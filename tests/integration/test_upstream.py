@@ -75,9 +75,7 @@ def startup_message(user: str, dbname: str) -> bytes:
     return struct.pack("!i", len(body) + 4) + body
 
 
-async def first_reply_type(
-    transport: asyncio.Transport, proto: Collect, dbname: str = "app"
-) -> bytes:
+async def first_reply_type(transport: asyncio.Transport, proto: Collect, dbname: str = "app") -> bytes:
     """Send a StartupMessage; the server's first message type ('R' = authentication request)."""
     transport.write(startup_message("app", dbname))
     for _ in range(100):
@@ -102,9 +100,7 @@ async def connect(t: UpstreamTarget, **kw: Any) -> tuple[asyncio.Transport, Coll
     return transport, proto, facts
 
 
-async def connect_and_greet(
-    t: UpstreamTarget, dbname: str = "app", **kw: Any
-) -> tuple[UpstreamFacts, bytes]:
+async def connect_and_greet(t: UpstreamTarget, dbname: str = "app", **kw: Any) -> tuple[UpstreamFacts, bytes]:
     transport, proto, facts = await connect(t, **kw)
     try:
         return facts, await first_reply_type(transport, proto, dbname)
@@ -161,9 +157,7 @@ def test_verify_ca_with_the_right_and_a_wrong_ca(pg: PgCluster, run: Any, tmp_pa
     assert str(info.value).startswith(lead)
 
 
-def test_prefer_with_a_wrong_root_cert_falls_back_to_plaintext(
-    pg: PgCluster, run: Any, tmp_path: Any
-) -> None:
+def test_prefer_with_a_wrong_root_cert_falls_back_to_plaintext(pg: PgCluster, run: Any, tmp_path: Any) -> None:
     """libpq checks a root certificate in every mode, and prefer retries without SSL on failure."""
     wrong = make_pki(tmp_path / "wrong")
     facts, reply = run(connect_and_greet(target(pg, "prefer", sslrootcert=wrong.ca_cert)))
@@ -171,9 +165,7 @@ def test_prefer_with_a_wrong_root_cert_falls_back_to_plaintext(
 
 
 def test_verify_full_by_name(pg: PgCluster, run: Any) -> None:
-    facts, reply = run(
-        connect_and_greet(target(pg, "verify-full", host="localhost", sslrootcert=pg.pki.ca_cert))
-    )
+    facts, reply = run(connect_and_greet(target(pg, "verify-full", host="localhost", sslrootcert=pg.pki.ca_cert)))
     assert facts.tls and reply == b"R"
     assert facts.host == "localhost" and facts.address in ("127.0.0.1", "::1")
 
@@ -185,17 +177,12 @@ def _fake_getaddrinfo(
         if host != name:
             return await real(self, host, port, *args, **kw)
         calls.append(host)
-        return [
-            (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (addr, p))
-            for addr, p in entries
-        ]
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (addr, p)) for addr, p in entries]
 
     return fake
 
 
-def _resolve_to(
-    monkeypatch: pytest.MonkeyPatch, name: str, entries: list[tuple[str, int]]
-) -> list[str]:
+def _resolve_to(monkeypatch: pytest.MonkeyPatch, name: str, entries: list[tuple[str, int]]) -> list[str]:
     """Make `name` resolve to `entries` (address, port) on any loop; returns the call log."""
     calls: list[str] = []
     for cls in (asyncio.BaseEventLoop, uvloop.Loop):
@@ -289,9 +276,7 @@ def test_dns_is_resolved_on_every_call_and_addresses_tried_in_order(
 # -- keepalive and TCP_INFO on the live socket ----------------------------------------------------
 
 
-async def _socket_report(
-    t: UpstreamTarget, keepalive: KeepaliveConfig
-) -> tuple[dict[str, int], dict[str, int] | None]:
+async def _socket_report(t: UpstreamTarget, keepalive: KeepaliveConfig) -> tuple[dict[str, int], dict[str, int] | None]:
     transport, proto, _ = await connect(t, keepalive=keepalive)
     try:
         await first_reply_type(transport, proto)  # some traffic, so rtt is measured
@@ -302,10 +287,14 @@ async def _socket_report(
 
 
 def test_keepalive_options_read_back_from_the_live_socket(pg: PgCluster, run: Any) -> None:
-    options, info = run(_socket_report(target(pg, "require"), KeepaliveConfig()))
+    options, _info = run(_socket_report(target(pg, "require"), KeepaliveConfig()))
     assert options == {
-        "keepalive": 1, "keepidle_s": 10, "keepintvl_s": 5, "keepcnt": 3,
-        "user_timeout_ms": 24500, "nodelay": 1,
+        "keepalive": 1,
+        "keepidle_s": 10,
+        "keepintvl_s": 5,
+        "keepcnt": 3,
+        "user_timeout_ms": 24500,
+        "nodelay": 1,
     }
     custom = KeepaliveConfig(idle_s=7, interval_s=2, count=4, user_timeout_s=9.5)
     options, _ = run(_socket_report(target(pg, "disable"), custom))
@@ -367,7 +356,7 @@ async def _fake_connect(
             if greet:
                 transport.write(startup_message("app", "app"))
                 for _ in range(200):
-                    if (seen() if seen else len(firsts) > before):
+                    if seen() if seen else len(firsts) > before:
                         break
                     await asyncio.sleep(0.01)
             transport.close()
@@ -417,9 +406,7 @@ def test_server_without_ssl(run: Any) -> None:
         assert isinstance(err, UpstreamError) and err.kind == "ssl_not_supported", mode
         assert str(err).endswith("server does not support SSL, but SSL was required")
     firsts_after_n = []
-    facts, firsts = run(
-        _fake_connect(no, "prefer", greet=True, seen=lambda: bool(firsts_after_n))
-    )
+    facts, firsts = run(_fake_connect(no, "prefer", greet=True, seen=lambda: bool(firsts_after_n)))
     assert isinstance(facts, UpstreamFacts) and facts.tls is False
     assert firsts == [SSL_REQUEST]
     assert firsts_after_n == [startup_message("app", "app")[:8]]  # same connection, plaintext
@@ -451,9 +438,7 @@ def test_handshake_failure_under_prefer_retries_in_plaintext(run: Any) -> None:
 
     calls = 0
 
-    async def first_tls_then_plain(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def first_tls_then_plain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:

@@ -76,8 +76,10 @@ def test_table_has_a_row_per_path_and_the_ratios() -> None:
 
 
 def test_memory_table_reports_growth_per_idle_client() -> None:
-    results = [MemoryResult("pgbouncer", {0: 8000, 100: 12000, 1000: 48000}),
-               MemoryResult("pgsidecar", {0: 40000, 100: 45000, 1000: 90000})]
+    results = [
+        MemoryResult("pgbouncer", {0: 8000, 100: 12000, 1000: 48000}),
+        MemoryResult("pgsidecar", {0: 40000, 100: 45000, 1000: 90000}),
+    ]
     assert results[0].per_client_kib(1000) == 40.0
     assert results[1].per_client_kib(100) == 50.0
     assert results[1].per_client_kib(0) is None
@@ -104,12 +106,25 @@ def test_reconnect_line_and_json_document() -> None:
 
 def _scale(**changes: object) -> ScaleResult:
     fields: dict = dict(
-        clients=1000, seconds=30.0, connect_s=5.5, connected=1000, connect_errors=0, query_errors=0,
-        error_samples=[], queries=180_000,
+        clients=1000,
+        seconds=30.0,
+        connect_s=5.5,
+        connected=1000,
+        connect_errors=0,
+        query_errors=0,
+        error_samples=[],
+        queries=180_000,
         latency_ms={"p50": 160.0, "p95": 230.5, "p99": 249.0, "max": 368.0},
-        before=ProcessSnapshot(14, 46_000, 5), during=ProcessSnapshot(2014, 95_000, 5),
-        after=ProcessSnapshot(14, 100_000, 5), settle_s=5.0, fds_back_s=1.25,
-        backends={"before": 1, "during": 1001, "after": 1}, sidecar_cpu_s=18.0, client_cpu_s=5.0, nofile=20000)
+        before=ProcessSnapshot(14, 46_000, 5),
+        during=ProcessSnapshot(2014, 95_000, 5),
+        after=ProcessSnapshot(14, 100_000, 5),
+        settle_s=5.0,
+        fds_back_s=1.25,
+        backends={"before": 1, "during": 1001, "after": 1},
+        sidecar_cpu_s=18.0,
+        client_cpu_s=5.0,
+        nofile=20000,
+    )
     fields.update(changes)
     return ScaleResult(**fields)
 
@@ -126,10 +141,10 @@ def test_scale_table_shows_rate_latency_and_the_sidecar_before_during_after() ->
     assert result.qps == 6000.0 and result.errors == 0
     lines = format_scale(result).splitlines()
     assert lines[0].startswith("== scale: 1000 clients x 30.0 s through one pgsidecar")
-    assert lines[1] == ("queries 180,000   queries/s 6,000.0   errors 0 (connect 0, query 0)   "
-                        "connected 1000/1000 in 5.5 s")
-    assert lines[2].split() == ["latency", "ms", "p50", "160.000", "p95", "230.500", "p99", "249.000",
-                                "max", "368.000"]
+    assert lines[1] == (
+        "queries 180,000   queries/s 6,000.0   errors 0 (connect 0, query 0)   connected 1000/1000 in 5.5 s"
+    )
+    assert lines[2].split() == ["latency", "ms", "p50", "160.000", "p95", "230.500", "p99", "249.000", "max", "368.000"]
     rows = {line[:18].strip(): line[18:].split() for line in lines[4:8]}
     assert rows["sidecar open fds"] == ["14", "2,014", "14"]
     assert rows["sidecar RSS KiB"] == ["46,000", "95,000", "100,000"]
@@ -139,8 +154,12 @@ def test_scale_table_shows_rate_latency_and_the_sidecar_before_during_after() ->
 
 
 def test_scale_table_names_a_descriptor_leak_and_the_errors() -> None:
-    result = _scale(after=ProcessSnapshot(20, 100_000, 5), fds_back_s=None, query_errors=2,
-                    error_samples=["client 3: connection closed by the sidecar"])
+    result = _scale(
+        after=ProcessSnapshot(20, 100_000, 5),
+        fds_back_s=None,
+        query_errors=2,
+        error_samples=["client 3: connection closed by the sidecar"],
+    )
     text = format_scale(result)
     assert "errors 2 (connect 0, query 2)" in text
     assert "fds back to baseline: NO: 6 more than before, 5 s later" in text

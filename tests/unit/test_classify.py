@@ -24,9 +24,7 @@ def fatal(sqlstate: str, message: str, severity: str = "FATAL") -> Observed:
 
 def warn_eof(sqlstate: str, message: str) -> Observed:
     """PostgreSQL 14+: WARNING, then EOF, no FATAL."""
-    return Observed(
-        "eof", sqlstate=sqlstate, severity="WARNING", message=message, tls_close_notify=False
-    )
+    return Observed("eof", sqlstate=sqlstate, severity="WARNING", message=message, tls_close_notify=False)
 
 
 def ok(attempts: int = 1, **flags: object) -> ReconnectOutcome:
@@ -64,10 +62,18 @@ NOT_YET = "57P03 the database system is not yet accepting connections"
 IMMEDIATE = "terminating connection due to immediate shutdown command"
 CRASH = "terminating connection because of crash of another server process"
 # What the new connection found when another server took over the upstream's address.
-STANDBY_NOW = {"postmaster_start_changed": True, "in_recovery_now": True, "read_only_now": True,
-               "system_identifier_changed": False}
-PROMOTED_NOW = {"postmaster_start_changed": True, "in_recovery_now": False, "timeline_changed": True,
-                "system_identifier_changed": False}
+STANDBY_NOW = {
+    "postmaster_start_changed": True,
+    "in_recovery_now": True,
+    "read_only_now": True,
+    "system_identifier_changed": False,
+}
+PROMOTED_NOW = {
+    "postmaster_start_changed": True,
+    "in_recovery_now": False,
+    "timeline_changed": True,
+    "system_identifier_changed": False,
+}
 
 TABLE: list[tuple[str, Evidence, DropCause]] = [
     # 1-3: the server named its own timeout
@@ -148,8 +154,7 @@ TABLE: list[tuple[str, Evidence, DropCause]] = [
     ),
     (
         "57P01 text only, then another cluster",
-        ev(Observed("fatal", message=ADMIN),
-           ok(postmaster_start_changed=True, system_identifier_changed=True)),
+        ev(Observed("fatal", message=ADMIN), ok(postmaster_start_changed=True, system_identifier_changed=True)),
         C.SWITCHOVER,
     ),
     (
@@ -174,8 +179,7 @@ TABLE: list[tuple[str, Evidence, DropCause]] = [
     ),
     (
         "postmaster died, then a promoted standby",
-        ev(fatal("57P01", "terminating connection due to unexpected postmaster exit"),
-           ok(2, **PROMOTED_NOW)),
+        ev(fatal("57P01", "terminating connection due to unexpected postmaster exit"), ok(2, **PROMOTED_NOW)),
         C.FAILOVER,
     ),
     (
@@ -205,9 +209,17 @@ TABLE: list[tuple[str, Evidence, DropCause]] = [
     ),
     (
         "restart, read-only now, same timeline: a restart",
-        ev(fatal("57P01", ADMIN), ok(3, errors=["ECONNREFUSED"], postmaster_start_changed=True,
-                                       read_only_now=True, in_recovery_now=False,
-                                       timeline_changed=False)),
+        ev(
+            fatal("57P01", ADMIN),
+            ok(
+                3,
+                errors=["ECONNREFUSED"],
+                postmaster_start_changed=True,
+                read_only_now=True,
+                in_recovery_now=False,
+                timeline_changed=False,
+            ),
+        ),
         C.SERVER_RESTART,
     ),
     # 6: crash said
@@ -218,11 +230,7 @@ TABLE: list[tuple[str, Evidence, DropCause]] = [
     ),
     (
         "crash text, no sqlstate",
-        ev(
-            Observed(
-                "eof", message="terminating connection because of crash of another server process"
-            )
-        ),
+        ev(Observed("eof", message="terminating connection because of crash of another server process")),
         C.SERVER_CRASH,
     ),
     (
@@ -264,8 +272,16 @@ TABLE: list[tuple[str, Evidence, DropCause]] = [
     ("reset then in_recovery flag", ev(RESET, ok(in_recovery_seen=True)), C.SERVER_CRASH),
     (
         "kill -9: 57P03 recovery mode while the postmaster stays",
-        ev(EOF_BARE, ok(3, errors=["eof", RECOVERY], postmaster_start_changed=False,
-                        in_recovery_now=False, timeline_changed=False)),
+        ev(
+            EOF_BARE,
+            ok(
+                3,
+                errors=["eof", RECOVERY],
+                postmaster_start_changed=False,
+                in_recovery_now=False,
+                timeline_changed=False,
+            ),
+        ),
         C.SERVER_CRASH,
     ),
     (
@@ -426,8 +442,9 @@ def test_read_only_now_on_the_same_server_is_a_secondary_finding() -> None:
     got = classify(ev(fatal("57P01", ADMIN), ok(postmaster_start_changed=False, read_only_now=True)))
     assert got.cause is C.ADMIN_TERMINATE and got.secondary == (C.SERVER_READ_ONLY,)
     assert "default_transaction_read_only" in got.hint and "25006" in got.hint
-    got = classify(ev(fatal("57P01", ADMIN),
-                      ok(postmaster_start_changed=False, in_recovery_now=True, read_only_now=True)))
+    got = classify(
+        ev(fatal("57P01", ADMIN), ok(postmaster_start_changed=False, in_recovery_now=True, read_only_now=True))
+    )
     assert got.cause is C.ADMIN_TERMINATE and got.secondary == (C.SERVER_READ_ONLY,)
     assert "standby" in got.hint and C.SERVER_CRASH not in got.secondary
 
@@ -447,9 +464,7 @@ def test_too_many_connections_is_secondary_and_primary_kept() -> None:
 
 
 def test_remaining_slots_text_counts_as_too_many() -> None:
-    r = failed(
-        "FATAL remaining connection slots are reserved for roles with the SUPERUSER attribute"
-    )
+    r = failed("FATAL remaining connection slots are reserved for roles with the SUPERUSER attribute")
     got = classify(ev(EOF_BARE, r))
     assert C.TOO_MANY_CONNECTIONS in got.secondary
 

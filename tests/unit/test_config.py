@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 
 from pgsidecar.config import (
     CONFIG_KEYS,
-    ListenConfig,
     AuthConfig,
     Config,
     ConfigError,
     KeepaliveConfig,
+    ListenConfig,
     SslMode,
     UpstreamConfig,
     UpstreamTarget,
@@ -174,9 +174,7 @@ def test_no_upstream_at_all() -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path=None, env={}, overrides={})
     assert info.value.key == "upstream.dsn"
-    assert str(info.value) == (
-        "config: upstream.dsn: no upstream: set upstream.dsn, --upstream or PGHOST"
-    )
+    assert str(info.value) == ("config: upstream.dsn: no upstream: set upstream.dsn, --upstream or PGHOST")
 
 
 # ---------------------------------------------------------------- durations and sizes
@@ -206,6 +204,31 @@ def test_duration_syntax(text: Any, seconds: float) -> None:
 def test_duration_errors(text: Any) -> None:
     with pytest.raises(ValueError, match="expected a duration like 10s, 250ms, 5m"):
         parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("24h", 86400.0),
+        ("1h30m", 5400.0),
+        ("2d", 172800.0),
+        ("1w", 604800.0),
+        ("24H", 86400.0),
+        ("5min", 300.0),
+        ("250ms", 0.25),
+        ("45", 45.0),
+        (" 3 h ", 10800.0),
+    ],
+)
+def test_duration_window_syntax(text: str, seconds: float) -> None:
+    """`pgsidecar drops --since` reads the same syntax, plus days, weeks and sums of parts."""
+    assert parse_duration(text, window=True) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "2025-11-26", "1h 30m", "-5m", "10x", "h"])
+def test_duration_window_errors(text: str) -> None:
+    with pytest.raises(ValueError, match="expected a duration"):
+        parse_duration(text, window=True)
 
 
 @pytest.mark.parametrize(
@@ -294,7 +317,7 @@ def test_user_timeout_cannot_be_zero() -> None:
 
 @pytest.mark.parametrize(
     ("word", "value"),
-    [("true", True), ("on", True), ("yes", True), ("1", True), ("require", True)]
+    [("true", True), ("on", True), ("yes", True), ("1", True), ("require", True)]  # noqa: RUF005 - true, then false
     + [("false", False), ("OFF", False), ("no", False), ("0", False), ("disable", False)],
 )
 def test_listen_tls_words(word: str, value: bool) -> None:
@@ -331,9 +354,7 @@ def test_error_str_is_one_line_with_key_path() -> None:
         "upstream.keepalive.idle",
         "expected a duration like 10s, 250ms, 5m; got 'abc'",
     )
-    assert str(err) == (
-        "config: upstream.keepalive.idle: expected a duration like 10s, 250ms, 5m; got 'abc'"
-    )
+    assert str(err) == ("config: upstream.keepalive.idle: expected a duration like 10s, 250ms, 5m; got 'abc'")
 
 
 def test_unknown_nested_yaml_key_suggests_closest(tmp_path: Path) -> None:
@@ -606,9 +627,7 @@ def test_kubernetes_service_links_are_ignored_with_one_warning_line() -> None:
     warning = unknown_env_warning(env)
     assert warning is not None and "\n" not in warning
     # All of them, sorted, no hints (none is a typo), and never a value (it may be a secret).
-    assert warning == (
-        "ignoring unknown environment variables (not pgsidecar settings): " + ", ".join(names)
-    )
+    assert warning == ("ignoring unknown environment variables (not pgsidecar settings): " + ", ".join(names))
     assert "10.0.0.7" not in warning and "tcp://" not in warning
 
 
@@ -619,9 +638,7 @@ def test_no_kubernetes_service_link_of_a_pgsidecar_service_is_a_setting() -> Non
     # _SERVICE_PORT[_<NAME>], _PORT_<n>_TCP[...]. The one setting of that shape is listen.port
     # (a Service named pgsidecar-listen); a new setting ending in _PORT or _HOST must fail here.
     shaped = {
-        name
-        for name in known
-        if name.endswith(("_PORT", "_SERVICE_HOST")) or "_SERVICE_PORT" in name or "_TCP" in name
+        name for name in known if name.endswith(("_PORT", "_SERVICE_HOST")) or "_SERVICE_PORT" in name or "_TCP" in name
     }
     assert shaped == {"PGSIDECAR_LISTEN_PORT"}
 

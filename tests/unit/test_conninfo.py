@@ -368,9 +368,7 @@ def test_invalid_port(port: str) -> None:
     assert err.keyword == "port" and "invalid port number" in str(err)
 
 
-@pytest.mark.parametrize(
-    ("value", "seconds"), [("10", 10.0), ("1", 2.0), ("0", None), ("-3", None)]
-)
+@pytest.mark.parametrize(("value", "seconds"), [("10", 10.0), ("1", 2.0), ("0", None), ("-3", None)])
 def test_connect_timeout_follows_libpq(value: str, seconds: float | None) -> None:
     assert parse(f"host=db connect_timeout={value}").connect_timeout_s == seconds
 
@@ -393,14 +391,10 @@ def test_password_never_in_repr_str_or_redacted() -> None:
 
 def test_redacted_quotes_values() -> None:
     target = UpstreamTarget(host="db", options="-c a=1", application_name="it's", sslsni=False)
-    assert target.redacted() == (
-        "host=db port=5432 sslmode=prefer sslsni=0 application_name='it\\'s' options='-c a=1'"
-    )
+    assert target.redacted() == ("host=db port=5432 sslmode=prefer sslsni=0 application_name='it\\'s' options='-c a=1'")
 
 
-_value = st.text(
-    alphabet=st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), min_size=1
-)
+_value = st.text(alphabet=st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), min_size=1)
 _optional = st.none() | _value
 
 
@@ -527,16 +521,11 @@ def test_quoted_key_value_matches_libpq(pairs: list[tuple[str, str]], quote_all:
     dbname=_value,
     appname=_value,
 )
-def test_percent_encoded_uri_matches_libpq(
-    user: str, password: str, host: str, dbname: str, appname: str
-) -> None:
+def test_percent_encoded_uri_matches_libpq(user: str, password: str, host: str, dbname: str, appname: str) -> None:
     def enc(text: str) -> str:
         return urllib.parse.quote(text, safe="")
 
-    dsn = (
-        f"postgresql://{enc(user)}:{enc(password)}@{enc(host)}/{enc(dbname)}"
-        f"?application_name={enc(appname)}"
-    )
+    dsn = f"postgresql://{enc(user)}:{enc(password)}@{enc(host)}/{enc(dbname)}?application_name={enc(appname)}"
     expected = {
         "user": user,
         "password": password,
@@ -555,9 +544,7 @@ _URI_PIECES += ["require", "::1", "5"]
 @given(
     st.one_of(
         st.lists(st.sampled_from(_KV_PIECES), max_size=12).map("".join),
-        st.lists(st.sampled_from(_URI_PIECES), max_size=12).map(
-            lambda parts: "postgresql://" + "".join(parts)
-        ),
+        st.lists(st.sampled_from(_URI_PIECES), max_size=12).map(lambda parts: "postgresql://" + "".join(parts)),
     )
 )
 def test_fuzzed_strings_parse_or_fail_exactly_like_libpq(dsn: str) -> None:

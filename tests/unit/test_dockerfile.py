@@ -42,8 +42,7 @@ class Stage:
 def parse_dockerfile(text: str) -> list[Stage]:
     """Instructions per stage: comments dropped, backslash continuations joined."""
     stages: list[Stage] = []
-    logical = re.sub(r"\\\n", " ", "\n".join(
-        line for line in text.splitlines() if not line.lstrip().startswith("#")))
+    logical = re.sub(r"\\\n", " ", "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#")))
     for line in logical.splitlines():
         if not line.strip():
             continue
@@ -110,8 +109,11 @@ def _ignored(path: str, patterns: list[str]) -> bool:
 
 
 def test_copied_files_exist_and_are_not_dockerignored(stages):
-    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     for stage in stages:
         for args in stage.all("COPY"):
             if args.startswith("--from"):
@@ -151,16 +153,22 @@ def test_build_stage_steps_install_a_working_pgsidecar(stages, tmp_path):
     env.update(env_of(build), PATH=f"{shim}:{os.environ['PATH']}")
     started = time.monotonic()
     for run in build.all("RUN"):
-        proc = subprocess.run(["sh", "-ec", _rewrite(run, moves)], cwd=workdir, env=env,
-                              capture_output=True, text=True, timeout=240)
+        proc = subprocess.run(
+            ["sh", "-ec", _rewrite(run, moves)], cwd=workdir, env=env, capture_output=True, text=True, timeout=240
+        )
         assert proc.returncode == 0, f"RUN {run}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     print(f"build stage took {time.monotonic() - started:.1f}s")
     venv_bin = tmp_path / "venv" / "bin"
     out = subprocess.run([str(venv_bin / "pgsidecar"), "version"], capture_output=True, text=True, timeout=30)
     assert out.stdout.strip() == f"pgsidecar {__version__}"
     # Installed from the wheel, not from this tree.
-    where = subprocess.run([str(venv_bin / "python"), "-c", "import pgsidecar; print(pgsidecar.__file__)"],
-                           capture_output=True, text=True, timeout=30, cwd=tmp_path).stdout
+    where = subprocess.run(
+        [str(venv_bin / "python"), "-c", "import pgsidecar; print(pgsidecar.__file__)"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    ).stdout
     assert str(tmp_path / "venv") in where
     _healthcheck_passes(stages[-1], venv_bin, tmp_path)
 
@@ -170,12 +178,16 @@ def _healthcheck_passes(final: Stage, venv_bin: Path, tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "VIRTUAL_ENV"))}
     env.update(env_of(final))
-    env.update(PATH=f"{venv_bin}:{os.environ['PATH']}", PGSIDECAR_CONFIG=str(ROOT / "config" / "pgsidecar.yaml"),
-               PGSIDECAR_METRICS_LISTEN=f"127.0.0.1:{port}", PGSIDECAR_LISTEN_PORT="0",
-               PGSIDECAR_UPSTREAM_DSN=f"host=127.0.0.1 port={free_port()} sslmode=disable")
+    env.update(
+        PATH=f"{venv_bin}:{os.environ['PATH']}",
+        PGSIDECAR_CONFIG=str(ROOT / "config" / "pgsidecar.yaml"),
+        PGSIDECAR_METRICS_LISTEN=f"127.0.0.1:{port}",
+        PGSIDECAR_LISTEN_PORT="0",
+        PGSIDECAR_UPSTREAM_DSN=f"host=127.0.0.1 port={free_port()} sslmode=disable",
+    )
     entry = json.loads(final.last("ENTRYPOINT"))
-    log = open(tmp_path / "sidecar.log", "wb")
-    proc = subprocess.Popen(entry, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    with open(tmp_path / "sidecar.log", "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(entry, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
         command = json.loads(final.last("HEALTHCHECK").split("CMD", 1)[1])
         command = [c.replace("127.0.0.1:9188", f"127.0.0.1:{port}") for c in command]
@@ -191,4 +203,3 @@ def _healthcheck_passes(final: Stage, venv_bin: Path, tmp_path: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(10) == 0, (tmp_path / "sidecar.log").read_text()
-        log.close()

@@ -10,10 +10,12 @@ from pgsidecar.relay.phases import Phase
 from pgsidecar.wire import backend as be
 from pgsidecar.wire import frontend as fe
 
-
-FACTS = (be.RowDescription(("a", "b", "c", "d")).encode()
-         + be.DataRow((b"1700000000.5", b"f", b"off", b"127.0.0.1")).encode()
-         + be.CommandComplete("SELECT 1").encode() + be.ReadyForQuery(b"I").encode())
+FACTS = (
+    be.RowDescription(("a", "b", "c", "d")).encode()
+    + be.DataRow((b"1700000000.5", b"f", b"off", b"127.0.0.1")).encode()
+    + be.CommandComplete("SELECT 1").encode()
+    + be.ReadyForQuery(b"I").encode()
+)
 
 
 def _logged_in(*, answer_facts: bool = True) -> SidecarConnection:
@@ -24,8 +26,12 @@ def _logged_in(*, answer_facts: bool = True) -> SidecarConnection:
     assert any(isinstance(c, cmd.OpenServer) for c in out)
     out = conn.handle(ev.ServerConnected(0.2, 0.2, "127.0.0.1", False, None))
     assert any(isinstance(c, cmd.SendToServer) for c in out)
-    hello = (be.AuthenticationOk().encode() + be.ParameterStatus("server_version", "15.0").encode()
-             + be.BackendKeyData(4242, b"\x00\x00\x00\x07").encode() + be.ReadyForQuery(b"I").encode())
+    hello = (
+        be.AuthenticationOk().encode()
+        + be.ParameterStatus("server_version", "15.0").encode()
+        + be.BackendKeyData(4242, b"\x00\x00\x00\x07").encode()
+        + be.ReadyForQuery(b"I").encode()
+    )
     out = conn.handle(ev.ServerData(0.3, hello))
     assert conn.phase is Phase.RELAYING
     assert any(isinstance(c, cmd.SendToServer) for c in out), "the facts query follows the hello"

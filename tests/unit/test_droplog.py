@@ -55,10 +55,7 @@ def _append(path: str, sidecar: str, count: int, max_bytes: int, backups: int) -
 
 def _run_processes(path: Path, max_bytes: int, backups: int) -> None:
     ctx = multiprocessing.get_context("fork")
-    procs = [
-        ctx.Process(target=_append, args=(str(path), f"p{k}", 500, max_bytes, backups))
-        for k in range(4)
-    ]
+    procs = [ctx.Process(target=_append, args=(str(path), f"p{k}", 500, max_bytes, backups)) for k in range(4)]
     for p in procs:
         p.start()
     for p in procs:
@@ -72,9 +69,7 @@ def test_four_processes_append_2000_whole_lines(tmp_path: Path) -> None:
     recs = _lines([path])
     assert len(recs) == 2000
     for k in range(4):
-        assert sorted(r.upstream.backend_pid for r in recs if r.sidecar == f"p{k}") == list(
-            range(500)
-        )
+        assert sorted(r.upstream.backend_pid for r in recs if r.sidecar == f"p{k}") == list(range(500))
 
 
 def test_four_processes_with_rotation_lose_nothing(tmp_path: Path) -> None:

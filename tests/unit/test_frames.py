@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pgsidecar.wire.errors import ClientProtocolError, ProtocolError, ServerProtocolError
-from pgsidecar.wire.payload import typed_message
 from pgsidecar.wire.frames import MAX_STARTUP_PACKET, FrameScanner, StartupReader
+from pgsidecar.wire.payload import typed_message
 
 MAX = 1 << 16
 
@@ -48,8 +48,15 @@ def expected(messages: list[tuple[bytes, bytes]], wanted: bytes) -> list[tuple[i
     return [(t[0], body) for t, body in messages if t[0] in wanted]
 
 
-def scan_in_pieces(data: bytes, cuts: list[int], wanted: bytes = WANTED, *, client: bool = False,
-                   max_len: int = MAX, bounds: set[int] | None = None) -> tuple[list, FrameScanner]:
+def scan_in_pieces(
+    data: bytes,
+    cuts: list[int],
+    wanted: bytes = WANTED,
+    *,
+    client: bool = False,
+    max_len: int = MAX,
+    bounds: set[int] | None = None,
+) -> tuple[list, FrameScanner]:
     """Feed ``data`` cut at ``cuts``; check ``at_boundary`` after every piece when bounds are given."""
     scanner = FrameScanner(wanted, max_len, client=client)
     got: list[tuple[int, bytes]] = []
@@ -96,8 +103,7 @@ def test_every_single_split_point_of_the_whole_stream() -> None:
         assert scanner.messages == len(STREAM_MESSAGES), cut
 
 
-_message = st.tuples(st.sampled_from([b"Z", b"C", b"D", b"E", b"N", b"T", b"1", b"d"]),
-                     st.binary(max_size=300))
+_message = st.tuples(st.sampled_from([b"Z", b"C", b"D", b"E", b"N", b"T", b"1", b"d"]), st.binary(max_size=300))
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
@@ -215,10 +221,13 @@ def test_non_printable_type_is_named_in_hex() -> None:
 
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.binary(max_size=400), cuts=st.lists(st.integers(0, 400), max_size=10),
-       wanted=st.binary(max_size=8), client=st.booleans())
-def test_arbitrary_bytes_raise_only_protocol_errors(data: bytes, cuts: list[int], wanted: bytes,
-                                                    client: bool) -> None:
+@given(
+    data=st.binary(max_size=400),
+    cuts=st.lists(st.integers(0, 400), max_size=10),
+    wanted=st.binary(max_size=8),
+    client=st.booleans(),
+)
+def test_arbitrary_bytes_raise_only_protocol_errors(data: bytes, cuts: list[int], wanted: bytes, client: bool) -> None:
     scanner = FrameScanner(wanted, 200, client=client)
     start = 0
     try:

@@ -20,6 +20,7 @@ def run(coro):
     async def bounded():
         async with asyncio.timeout(BOUND_S):
             return await coro
+
     return asyncio.run(bounded())
 
 
@@ -55,6 +56,7 @@ def test_default_reserve():
 
 def test_waiting_reconnects_are_served_before_waiting_first_logins():
     """The FIFO semaphore this replaces would grant in arrival order (F1 R1 F2 R2 F3 here)."""
+
     async def scenario():
         gate, granted = ConnectGate(2, reserve=0), []
         busy = [Holder(gate, f"busy{i}", False, granted) for i in range(2)]
@@ -74,6 +76,7 @@ def test_waiting_reconnects_are_served_before_waiting_first_logins():
             order += granted[before:]
         assert order == ["R1", "R2", "F1", "F2", "F3"]
         assert gate.active == 0 and gate.active_reconnects == 0
+
     run(scenario())
 
 
@@ -104,11 +107,13 @@ def test_reserve_lets_a_reconnect_in_while_first_logins_hold_every_slot():
         second.finish()
         await settle()
         assert gate.active == 0
+
     run(scenario())
 
 
 def test_first_logins_never_exceed_limit_and_all_never_exceed_bound():
     """A random mix of arrivals and finishes (seeded, bounded): the counts hold at every step."""
+
     async def scenario():
         rng = random.Random(10)
         gate, granted = ConnectGate(4), []  # reserve 1, bound 5
@@ -136,6 +141,7 @@ def test_first_logins_never_exceed_limit_and_all_never_exceed_bound():
         assert len(granted) == len(holders)
         assert gate.active == gate.active_reconnects == 0
         assert gate.waiting(True) == gate.waiting(False) == 0
+
     run(scenario())
 
 
@@ -160,12 +166,14 @@ def test_cancelled_waiter_leaves_its_queue_and_leaks_nothing():
         stays.finish()
         await settle()
         assert gate.active == gate.active_reconnects == 0
+
     run(scenario())
 
 
 def test_slot_granted_then_cancelled_before_resuming_is_given_back():
     """The slot is counted for a waiter when it is handed over; if that waiter's task is cancelled
     in the same loop iteration, before it runs, the slot must go to the next waiter."""
+
     async def scenario():
         gate, granted = ConnectGate(1, reserve=0), []
         busy = Holder(gate, "busy", True, granted)
@@ -175,7 +183,7 @@ def test_slot_granted_then_cancelled_before_resuming_is_given_back():
         await settle()
         busy.done.set_result(None)
         await asyncio.sleep(0)  # busy resumes and releases: the slot is handed to `unlucky`
-        while not busy.task.done():  # bounded: busy needs one more step at most
+        while not busy.task.done():  # noqa: ASYNC110 - bounded: busy needs one more step at most
             await asyncio.sleep(0)
         assert gate.active == 1 and gate.waiting(True) == 0, "handed over, not yet resumed"
         assert "unlucky" not in granted
@@ -187,6 +195,7 @@ def test_slot_granted_then_cancelled_before_resuming_is_given_back():
         nxt.finish()
         await settle()
         assert gate.active == 0
+
     run(scenario())
 
 
@@ -203,6 +212,7 @@ def test_cancelled_holder_releases_its_slot():
         waiter.finish()
         await settle()
         assert gate.active == 0
+
     run(scenario())
 
 
@@ -216,5 +226,6 @@ def test_release_without_acquire_is_an_error():
         with pytest.raises(RuntimeError):
             gate.release(True)  # a reconnect count never goes negative
         gate.release(False)
+
     run(one_first_login())
     assert gate.active == 0

@@ -96,8 +96,7 @@ def imports_of(module: str, source: str, *, is_package: bool = False) -> list[Im
             if base.split(".")[0] == "pgsidecar":
                 # ``from pgsidecar import relay`` imports a module; ``from pgsidecar import
                 # __version__`` a name of the package itself.
-                out += [Import(module, _submodule_or_package(base, alias.name), node.lineno)
-                        for alias in node.names]
+                out += [Import(module, _submodule_or_package(base, alias.name), node.lineno) for alias in node.names]
             else:
                 out.append(Import(module, base, node.lineno))
     return out
@@ -179,15 +178,22 @@ def test_imports_go_one_way(module: str) -> None:
         ("pgsidecar.auth.scram", "from pgsidecar.relay import commands", "auth may not use relay"),
         ("pgsidecar.drops.classify", "from pgsidecar.relay.events import Timer", "drops may not use relay"),
         ("pgsidecar.session.state", "from ..relay import events", "session may not use relay"),
-        ("pgsidecar.relay.connection", "from pgsidecar.runtime.driver import ClientDriver", "relay may not use runtime"),
+        (
+            "pgsidecar.relay.connection",
+            "from pgsidecar.runtime.driver import ClientDriver",
+            "relay may not use runtime",
+        ),
         ("pgsidecar.relay.connection", "from pgsidecar.config.model import Config", "relay may not use config"),
         ("pgsidecar.config.load", "from pgsidecar.observe import logs", "config may not use observe"),
         ("pgsidecar.runtime.driver", "from pgsidecar.app import run", "nothing outside the composition root"),
         ("pgsidecar.wire.backend", "import yaml", "third-party package yaml"),
         ("pgsidecar.relay.connection", "import uvloop", "third-party package uvloop"),
         ("pgsidecar.observe.logs", "from pgsidecar.relay import connection", "observe may not use relay"),
-        ("pgsidecar.runtime.listener", "from pgsidecar.auth.scram import tls_server_end_point",
-         "runtime may not use auth"),
+        (
+            "pgsidecar.runtime.listener",
+            "from pgsidecar.auth.scram import tls_server_end_point",
+            "runtime may not use auth",
+        ),
         ("pgsidecar.wire.frames", "from pgsidecar import relay", "wire may not use relay"),
         ("pgsidecar.drops.record", "from . import classify\nfrom .. import session", "drops may not use session"),
     ],

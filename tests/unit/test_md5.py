@@ -23,10 +23,10 @@ def test_md5_known_pair_from_postgresql() -> None:
     # the response to a salt is md5 over that stored hex digest and the salt.
     salt = b"abcd"
     stored_hex = b"e55f71fef883ee8efa627b60ba1e4c26"
-    assert md5_password("m", "postgres", salt) == (
-        b"md5" + hashlib.md5(stored_hex + salt).hexdigest().encode())
+    assert md5_password("m", "postgres", salt) == (b"md5" + hashlib.md5(stored_hex + salt).hexdigest().encode())
     assert md5_password("m", "postgres", b"\x00\x00\x00\x00") == (
-        b"md5" + hashlib.md5(stored_hex + b"\x00" * 4).hexdigest().encode())
+        b"md5" + hashlib.md5(stored_hex + b"\x00" * 4).hexdigest().encode()
+    )
 
 
 def test_md5_depends_on_user_salt_and_non_ascii_password() -> None:

@@ -230,8 +230,12 @@ def test_server_facts_round_trip_exactly() -> None:
     assert data["server_before"]["postmaster_start"] == iso_utc(PRIMARY.postmaster_start or 0)
     assert data["server_after"]["system_identifier"] == "7714444273140419620"  # a string: exact
     assert data["server_after"] == {
-        "postmaster_start": iso_utc(T0 - 600.25), "in_recovery": True, "read_only": True,
-        "system_identifier": "7714444273140419620", "timeline": 1, "address": "10.1.2.3",
+        "postmaster_start": iso_utc(T0 - 600.25),
+        "in_recovery": True,
+        "read_only": True,
+        "system_identifier": "7714444273140419620",
+        "timeline": 1,
+        "address": "10.1.2.3",
         "port": 5432,
     }
     assert DropRecord.from_json(rec.to_json()) == rec
@@ -244,13 +248,21 @@ def test_records_without_server_facts_still_read() -> None:
         del data[key]
     assert DropRecord.from_json(json.dumps(data)) == make()
     data["server_after"] = {"timeline": "two"}
-    with pytest.raises(DropRecordError, match="server_after.timeline: expected a number"):
+    with pytest.raises(DropRecordError, match=r"server_after\.timeline: expected a number"):
         DropRecord.from_json(json.dumps(data))
 
 
 def test_new_reconnect_flags_round_trip() -> None:
-    r = ReconnectOutcome(2, 1.5, False, ("ECONNREFUSED",), in_recovery_now=True,
-                         timeline_changed=False, system_identifier_changed=False, abandoned=True)
+    r = ReconnectOutcome(
+        2,
+        1.5,
+        False,
+        ("ECONNREFUSED",),
+        in_recovery_now=True,
+        timeline_changed=False,
+        system_identifier_changed=False,
+        abandoned=True,
+    )
     rec = make(reconnect=r, impact="client left during reconnect")
     back = DropRecord.from_json(rec.to_json())
     assert back.reconnect == r
@@ -263,26 +275,36 @@ def test_human_line_when_no_reconnect_was_tried() -> None:
 
 
 def test_human_line_abandoned_reconnect() -> None:
-    rec = make(reconnect=ReconnectOutcome(2, 1.5, False, (), abandoned=True),
-               impact="client left during reconnect")
+    rec = make(reconnect=ReconnectOutcome(2, 1.5, False, (), abandoned=True), impact="client left during reconnect")
     line = human_line(rec)
     assert "reconnect abandoned after 1.50s (2 attempts), client left during reconnect" in line
     assert "reconnect failed" not in line
 
 
-KEEPALIVE = SimpleNamespace(upstream=SimpleNamespace(
-    keepalive=SimpleNamespace(idle_s=10.0, effective_user_timeout_s=24.5)))
+KEEPALIVE = SimpleNamespace(
+    upstream=SimpleNamespace(keepalive=SimpleNamespace(idle_s=10.0, effective_user_timeout_s=24.5))
+)
 
 
 def brain_info(impact: str, reconnect: dict, **extra: object) -> dict:
     """The dict relay/dropbook.py DropTracker.finish hands to the recorder."""
     return {
-        "time": T0, "state": "idle", "connected_at": T0 - 60, "age_s": 60.0, "idle_s": 5.0,
-        "client_idle_s": 5.0, "impact": impact, "reconnect": reconnect,
+        "time": T0,
+        "state": "idle",
+        "connected_at": T0 - 60,
+        "age_s": 60.0,
+        "idle_s": 5.0,
+        "client_idle_s": 5.0,
+        "impact": impact,
+        "reconnect": reconnect,
         "upstream": {"host": "db", "address": "10.1.2.3", "port": 5432, "backend_pid": 7},
         "client": {"addr": "127.0.0.1:5000"},
-        "observed": {"kind": "fatal", "sqlstate": "57P01", "severity": "FATAL",
-                     "message": "terminating connection due to administrator command"},
+        "observed": {
+            "kind": "fatal",
+            "sqlstate": "57P01",
+            "severity": "FATAL",
+            "message": "terminating connection due to administrator command",
+        },
         **extra,
     }
 
@@ -290,32 +312,52 @@ def brain_info(impact: str, reconnect: dict, **extra: object) -> dict:
 def test_recorder_reads_an_abandoned_reconnect_from_the_impact() -> None:
     """relay/connection.py closes the book with this impact when the client leaves mid-reconnect;
     the old rules read its succeeded=False as a restart (47 of 111 records in one run)."""
-    info = brain_info("client left during reconnect",
-                      {"attempts": 3, "duration_s": 1.2, "succeeded": False,
-                       "errors": ['53300 too many connections for role "app"'] * 2})
+    info = brain_info(
+        "client left during reconnect",
+        {
+            "attempts": 3,
+            "duration_s": 1.2,
+            "succeeded": False,
+            "errors": ['53300 too many connections for role "app"'] * 2,
+        },
+    )
     rec = build_record(info, sidecar="s", config=KEEPALIVE)  # type: ignore[arg-type]
     assert rec.reconnect is not None and rec.reconnect.abandoned is True
     assert rec.cause is DropCause.ADMIN_TERMINATE and "reconnect_abandoned" in rec.evidence
-    failed = build_record(brain_info("fatal 08006 client closed",
-                                     {"attempts": 9, "duration_s": 30.0, "succeeded": False}),
-                          sidecar="s", config=KEEPALIVE)  # type: ignore[arg-type]
+    failed = build_record(
+        brain_info("fatal 08006 client closed", {"attempts": 9, "duration_s": 30.0, "succeeded": False}),
+        sidecar="s",
+        config=KEEPALIVE,
+    )  # type: ignore[arg-type]
     assert failed.reconnect is not None and failed.reconnect.abandoned is None
     assert failed.cause is DropCause.SERVER_RESTART  # a reconnect that ran out still is a sign
-    flagged = build_record(brain_info("anything", {"attempts": 1, "duration_s": 0.1,
-                                                   "succeeded": False, "abandoned": True}),
-                           sidecar="s", config=KEEPALIVE)  # type: ignore[arg-type]
+    flagged = build_record(
+        brain_info("anything", {"attempts": 1, "duration_s": 0.1, "succeeded": False, "abandoned": True}),
+        sidecar="s",
+        config=KEEPALIVE,
+    )  # type: ignore[arg-type]
     assert flagged.reconnect is not None and flagged.reconnect.abandoned is True
 
 
 def test_recorder_keeps_the_server_facts_of_both_connections() -> None:
     before = ServerFacts(T0 - 86400.5, False, False, "10.1.2.3", 5432, "77", 1)
     after = ServerFacts(T0 - 600.25, True, True, "10.1.2.3", 5432, "77", 1)
-    info = brain_info("transparent",
-                      {"attempts": 2, "duration_s": 0.5, "succeeded": True,
-                       "errors": ["ECONNREFUSED"], "postmaster_start_changed": True,
-                       "in_recovery_now": True, "read_only_now": True,
-                       "system_identifier_changed": False, "timeline_changed": False},
-                      server_facts_before=before, server_facts_after=after)
+    info = brain_info(
+        "transparent",
+        {
+            "attempts": 2,
+            "duration_s": 0.5,
+            "succeeded": True,
+            "errors": ["ECONNREFUSED"],
+            "postmaster_start_changed": True,
+            "in_recovery_now": True,
+            "read_only_now": True,
+            "system_identifier_changed": False,
+            "timeline_changed": False,
+        },
+        server_facts_before=before,
+        server_facts_after=after,
+    )
     rec = build_record(info, sidecar="s", config=KEEPALIVE)  # type: ignore[arg-type]
     assert rec.server_before == ServerSnapshot(T0 - 86400.5, False, False, "77", 1, "10.1.2.3", 5432)
     assert rec.server_after is not None and rec.server_after.in_recovery is True

@@ -72,9 +72,7 @@ def story(tmp_path: Path) -> list[Path]:
         recs = []
         for i in range(pod * 7, pod * 7 + 7):
             if i < 38:
-                recs.append(
-                    rec(DAY0 + i * 2200.0, idle=350.0 + rng.uniform(-2, 2), sidecar=f"pod{pod}")
-                )
+                recs.append(rec(DAY0 + i * 2200.0, idle=350.0 + rng.uniform(-2, 2), sidecar=f"pod{pod}"))
         if pod < 3:
             recs.append(
                 rec(
@@ -86,9 +84,7 @@ def story(tmp_path: Path) -> list[Path]:
                 )
             )
         files.append(write(tmp_path / f"pod{pod}.jsonl", sorted(recs, key=lambda r: r.time)))
-    noise = [
-        rec(DAY0 + 500.0 + k * 7000, idle=rng.uniform(20, 3000), sidecar="pod5") for k in range(6)
-    ]
+    noise = [rec(DAY0 + 500.0 + k * 7000, idle=rng.uniform(20, 3000), sidecar="pod5") for k in range(6)]
     files.append(write(tmp_path / "noise.jsonl", noise))
     return files
 
@@ -100,8 +96,7 @@ def test_story_text(tmp_path: Path) -> None:
     first = out.splitlines()[0]
     assert first.startswith("47 drops in 23 h; 38 at idle 350 s +/- 2 s: a load balancer or NAT")
     assert first.endswith(
-        "; 3 at 02:14:07 across 3 sidecars (3 clients): server restart"
-        " (postmaster start time changed)."
+        "; 3 at 02:14:07 across 3 sidecars (3 clients): server restart (postmaster start time changed)."
     )
     assert "path_idle_timeout" in out and "server_restart" in out
     assert "38 at idle 350 s +/- 2 s (path_idle_timeout, 38 of 44)" in out
@@ -181,21 +176,26 @@ def test_switchover_event_names_what_told_it(tmp_path: Path) -> None:
     new connections found (a standby, the postmaster changed), and the hint is the record's."""
     t = DAY0 + 7200.2
     evidence = ("kind=fatal", "sqlstate=57P01", "postmaster_start_changed", "in_recovery_now")
-    recs = [rec(t + k * 0.1, cause=DropCause.SWITCHOVER, sidecar=f"pod{k}", evidence=evidence)
-            for k in range(3)]
-    recs.append(rec(t + 30, cause=DropCause.ADMIN_TERMINATE, sidecar="pod0",  # unrelated
-                    evidence=("kind=fatal", "sqlstate=57P01", "reconnect_abandoned")))
+    recs = [rec(t + k * 0.1, cause=DropCause.SWITCHOVER, sidecar=f"pod{k}", evidence=evidence) for k in range(3)]
+    recs.append(
+        rec(
+            t + 30,
+            cause=DropCause.ADMIN_TERMINATE,
+            sidecar="pod0",  # unrelated
+            evidence=("kind=fatal", "sqlstate=57P01", "reconnect_abandoned"),
+        )
+    )
     path = write(tmp_path / "all.jsonl", recs)
     code, out, _ = run([str(path)])
     assert code == 0
-    assert ("across all 3 sidecars: switchover to another server (postmaster start time changed,"
-            " a standby now)") in out, out
+    assert (
+        "across all 3 sidecars: switchover to another server (postmaster start time changed, a standby now)"
+    ) in out, out
     assert re.search(r"^\s+3\s+switchover\s+switchover to another server$", out, re.MULTILINE), out
     assert "switchover: the server was shut down and another server took over" in out, out
     _, js, _ = run([str(path), "--json"])
     summary = json.loads(js)
-    assert {c["cause"]: c["count"] for c in summary["by_cause"]} == {"switchover": 3,
-                                                                    "admin_terminate": 1}
+    assert {c["cause"]: c["count"] for c in summary["by_cause"]} == {"switchover": 3, "admin_terminate": 1}
     [event] = summary["events"]
     assert event["cause"] == "switchover" and event["drops"] == 3
     assert event["evidence"] == ["sqlstate=57P01", "postmaster_start_changed", "in_recovery_now"]
@@ -222,10 +222,7 @@ def test_drops_further_apart_than_a_second_are_not_one_event(tmp_path: Path) -> 
 
 def test_hints_grouped_per_cause_even_when_templated(tmp_path: Path) -> None:
     recs = [rec(DAY0 + k, idle=300.0 + k) for k in range(5)]
-    recs = [
-        DropRecord(**{**{f: getattr(r, f) for f in r.__slots__}, "hint": f"after {r.idle_s} s"})
-        for r in recs
-    ]
+    recs = [DropRecord(**{**{f: getattr(r, f) for f in r.__slots__}, "hint": f"after {r.idle_s} s"}) for r in recs]
     recs.append(rec(DAY0 + 9, cause=DropCause.NETWORK_RESET))
     _, js, _ = run([str(write(tmp_path / "a.jsonl", recs)), "--json"])
     assert json.loads(js)["hints"] == [
@@ -328,9 +325,7 @@ def test_cluster_at_keepalive_idle_blames_a_shorter_device(tmp_path: Path) -> No
 
 
 def test_server_timeout_cluster_names_the_setting(tmp_path: Path) -> None:
-    recs = [
-        rec(DAY0 + k * 100.0, idle=300.2, cause=DropCause.IDLE_SESSION_TIMEOUT) for k in range(3)
-    ]
+    recs = [rec(DAY0 + k * 100.0, idle=300.2, cause=DropCause.IDLE_SESSION_TIMEOUT) for k in range(3)]
     _, out, _ = run([str(write(tmp_path / "a.jsonl", recs))])
     assert "the server's idle_session_timeout is about 300 s" in out
 

@@ -32,24 +32,24 @@ RFC_NONCE = "rOprNGfwEbeRWgbNEkqO"
 RFC_SERVER_NONCE = "%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0"
 RFC_SALT = "W22ZaJ0SNY7soEsUEjb6gQ=="
 RFC_CLIENT_FIRST = b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO"
-RFC_SERVER_FIRST = (b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
-                    b"s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096")
-RFC_CLIENT_FINAL = (b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
-                    b"p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=")
+RFC_SERVER_FIRST = b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"
+RFC_CLIENT_FINAL = (
+    b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
+)
 RFC_SERVER_FINAL = b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
 
 # rolpassword values written by PostgreSQL 15 (CREATE ROLE ... PASSWORD, scram-sha-256).
 PG15_SECRETS = {
     "pencil": "SCRAM-SHA-256$4096:j+u/AiyNiabNrV2qLgM/TA==$fiHoDdbStI/+WOeb98hc4empkbyNnP0+Kz4TQ"
-              "ysjJsk=:40gHSkibOKGYBH90ML4y/SqYAUyGRfCLpTl1VqysYNs=",
+    "ysjJsk=:40gHSkibOKGYBH90ML4y/SqYAUyGRfCLpTl1VqysYNs=",
     "pässwörd": "SCRAM-SHA-256$4096:7yjq2fgQasQUPaqbvQ5g1g==$dz3R4TSqr7t4MSaVHdYIlqe/n3or7LXtlct"
-                "pTu17Hj8=:wc8SgI8Tvv87RsEaL6rXHSrXclLtttEzpfjqLQ/tUBI=",
+    "pTu17Hj8=:wc8SgI8Tvv87RsEaL6rXHSrXclLtttEzpfjqLQ/tUBI=",
     # soft hyphen (mapped to nothing), no-break space (to space), fi ligature (NFKC to "fi")
     "a\u00adb\u00a0c\ufb01": "SCRAM-SHA-256$4096:jx1bARq3JdbSO0enXco6yA==$Fihwb4ZrnUPn1EGzKMOKmb"
-                             "6QVmesmXDLRisAz4Mg338=:50jaOiLnxn+/PYb1tPGd9FnRiguEmotJGjQ5BEu8+Vc=",
+    "6QVmesmXDLRisAz4Mg338=:50jaOiLnxn+/PYb1tPGd9FnRiguEmotJGjQ5BEu8+Vc=",
     # a prohibited control character: SASLprep fails and PostgreSQL uses the raw bytes
     "\u00e9\u0007": "SCRAM-SHA-256$4096:XxnB8NcuASqNa5l5JxUKAg==$Oze29ZrVPTC9T6DM2A/47gqZwjirBIwG"
-                    "JCenqx++d8E=:GEhxGzF220tSPuB/x0CCZJUGAryzOXi5ENhMcZFHmp4=",
+    "JCenqx++d8E=:GEhxGzF220tSPuB/x0CCZJUGAryzOXi5ENhMcZFHmp4=",
 }
 
 
@@ -190,8 +190,7 @@ def test_server_without_the_password_fails_on_the_client_side() -> None:
 @pytest.mark.parametrize("password", list(PG15_SECRETS))
 def test_keys_match_postgresql(password: str) -> None:
     secret = ScramSecret.parse(PG15_SECRETS[password])
-    assert ScramSecret.from_password(password, iterations=secret.iterations,
-                                     salt=secret.salt) == secret
+    assert ScramSecret.from_password(password, iterations=secret.iterations, salt=secret.salt) == secret
     assert str(secret) == PG15_SECRETS[password]
     # And a server holding only PostgreSQL's secret accepts our client.
     client = ScramClient("app", password, mechanisms=[SCRAM_SHA_256])
@@ -200,8 +199,15 @@ def test_keys_match_postgresql(password: str) -> None:
     assert client.done
 
 
-@pytest.mark.parametrize("text", ["", "md5abc", "SCRAM-SHA-256$4096:c2FsdA==$YQ==:YQ==",
-                                  "SCRAM-SHA-256$0:c2FsdA==$" + "A" * 43 + "=:" + "A" * 43 + "="])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "md5abc",
+        "SCRAM-SHA-256$4096:c2FsdA==$YQ==:YQ==",
+        "SCRAM-SHA-256$0:c2FsdA==$" + "A" * 43 + "=:" + "A" * 43 + "=",
+    ],
+)
 def test_secret_parse_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         ScramSecret.parse(text)
@@ -273,8 +279,9 @@ def test_server_validates_client_final() -> None:
 
 def test_plus_uses_tls_server_end_point_binding() -> None:
     binding = hashlib.sha256(b"certificate").digest()
-    client = ScramClient("user", "pencil", mechanisms=[SCRAM_SHA_256_PLUS, SCRAM_SHA_256],
-                         channel_binding=binding, nonce=RFC_NONCE)
+    client = ScramClient(
+        "user", "pencil", mechanisms=[SCRAM_SHA_256_PLUS, SCRAM_SHA_256], channel_binding=binding, nonce=RFC_NONCE
+    )
     assert client.mechanism == SCRAM_SHA_256_PLUS and client.channel_bound
     first = client.initial_response()
     assert first == b"p=tls-server-end-point,,n=user,r=" + RFC_NONCE.encode()
@@ -285,10 +292,9 @@ def test_plus_uses_tls_server_end_point_binding() -> None:
     # Check the proof with the RFC 5802 formulas written out independently.
     salted = hashlib.pbkdf2_hmac("sha256", b"pencil", base64.b64decode(RFC_SALT), 4096)
     client_key = hmac.digest(salted, b"Client Key", "sha256")
-    auth_message = b",".join((first[len(b"p=tls-server-end-point,,"):], RFC_SERVER_FIRST,
-                              without_proof))
+    auth_message = b",".join((first[len(b"p=tls-server-end-point,,") :], RFC_SERVER_FIRST, without_proof))
     signature = hmac.digest(hashlib.sha256(client_key).digest(), auth_message, "sha256")
-    assert base64.b64decode(proof_b64) == bytes(a ^ b for a, b in zip(client_key, signature))
+    assert base64.b64decode(proof_b64) == bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
     server_key = hmac.digest(salted, b"Server Key", "sha256")
     client.finish(b"v=" + base64.b64encode(hmac.digest(server_key, auth_message, "sha256")))
     assert client.done
@@ -302,7 +308,7 @@ def test_plus_is_not_chosen_without_binding_data() -> None:
 
 def make_cert(key: object, algorithm: hashes.HashAlgorithm | None, **sign_args: object) -> bytes:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "db.example")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -330,8 +336,7 @@ def rsa_key() -> rsa.RSAPrivateKey:
         (hashes.SHA224(), "sha224"),
     ],
 )
-def test_tls_server_end_point_rsa(rsa_key: rsa.RSAPrivateKey, algorithm: hashes.HashAlgorithm,
-                                  expected: str) -> None:
+def test_tls_server_end_point_rsa(rsa_key: rsa.RSAPrivateKey, algorithm: hashes.HashAlgorithm, expected: str) -> None:
     der = make_cert(rsa_key, algorithm)
     assert tls_server_end_point(der) == hashlib.new(expected, der).digest()
 
@@ -350,27 +355,25 @@ SHA256_WITH_RSA = bytes.fromhex("06092a864886f70d01010b")
 
 
 @pytest.mark.parametrize("last_arc", [4, 5])
-def test_tls_server_end_point_md5_and_sha1_use_sha256(rsa_key: rsa.RSAPrivateKey,
-                                                      last_arc: int) -> None:
+def test_tls_server_end_point_md5_and_sha1_use_sha256(rsa_key: rsa.RSAPrivateKey, last_arc: int) -> None:
     # cryptography no longer signs with MD5 or SHA-1, so relabel a SHA-256 certificate: the
     # hash choice reads only the signatureAlgorithm OID, not the signature.
-    der = make_cert(rsa_key, hashes.SHA256()).replace(
-        SHA256_WITH_RSA, SHA256_WITH_RSA[:-1] + bytes([last_arc]))
+    der = make_cert(rsa_key, hashes.SHA256()).replace(SHA256_WITH_RSA, SHA256_WITH_RSA[:-1] + bytes([last_arc]))
     assert SHA256_WITH_RSA not in der
     assert tls_server_end_point(der) == hashlib.sha256(der).digest()
 
 
-@pytest.mark.parametrize(("algorithm", "expected"),
-                         [(hashes.SHA384(), "sha384"), (hashes.SHA256(), "sha256")])
-def test_tls_server_end_point_rsa_pss(rsa_key: rsa.RSAPrivateKey,
-                                      algorithm: hashes.HashAlgorithm, expected: str) -> None:
+@pytest.mark.parametrize(("algorithm", "expected"), [(hashes.SHA384(), "sha384"), (hashes.SHA256(), "sha256")])
+def test_tls_server_end_point_rsa_pss(
+    rsa_key: rsa.RSAPrivateKey, algorithm: hashes.HashAlgorithm, expected: str
+) -> None:
     pss = padding.PSS(mgf=padding.MGF1(algorithm), salt_length=algorithm.digest_size)
     der = make_cert(rsa_key, algorithm, rsa_padding=pss)
     assert tls_server_end_point(der) == hashlib.new(expected, der).digest()
 
 
 def test_tls_server_end_point_refuses_ed25519_and_garbage() -> None:
-    with pytest.raises(ValueError, match="1.3.101.112"):
+    with pytest.raises(ValueError, match=r"1\.3\.101\.112"):
         tls_server_end_point(make_cert(ed25519.Ed25519PrivateKey.generate(), None))
     for garbage in (b"", b"\x30", b"\x30\x03\x02\x01\x00", b"\x04\x00", b"\x30\x84\xff\xff\xff\xff"):
         with pytest.raises(ValueError):

@@ -40,8 +40,20 @@ from pgsidecar.wire.frames import FrameScanner
 
 @pytest.mark.parametrize(
     "tag",
-    [b"SET", b"RESET", b"PREPARE", b"DEALLOCATE", b"DEALLOCATE ALL", b"LISTEN", b"UNLISTEN",
-     b"DISCARD ALL", b"CREATE TABLE", b"DECLARE CURSOR", b"CLOSE CURSOR", b"LOAD"],
+    [
+        b"SET",
+        b"RESET",
+        b"PREPARE",
+        b"DEALLOCATE",
+        b"DEALLOCATE ALL",
+        b"LISTEN",
+        b"UNLISTEN",
+        b"DISCARD ALL",
+        b"CREATE TABLE",
+        b"DECLARE CURSOR",
+        b"CLOSE CURSOR",
+        b"LOAD",
+    ],
 )
 def test_dirty_tags(tag: bytes) -> None:
     assert tag_is_dirty(tag + b"\x00")
@@ -50,8 +62,20 @@ def test_dirty_tags(tag: bytes) -> None:
 
 @pytest.mark.parametrize(
     "tag",
-    [b"SELECT 1", b"INSERT 0 1", b"UPDATE 3", b"BEGIN", b"COMMIT", b"ROLLBACK", b"CREATE INDEX",
-     b"FETCH 5", b"COPY 10", b"SAVEPOINT", b"SE", b""],
+    [
+        b"SELECT 1",
+        b"INSERT 0 1",
+        b"UPDATE 3",
+        b"BEGIN",
+        b"COMMIT",
+        b"ROLLBACK",
+        b"CREATE INDEX",
+        b"FETCH 5",
+        b"COPY 10",
+        b"SAVEPOINT",
+        b"SE",
+        b"",
+    ],
 )
 def test_clean_tags(tag: bytes) -> None:
     assert not tag_is_dirty(tag + b"\x00")
@@ -59,9 +83,14 @@ def test_clean_tags(tag: bytes) -> None:
 
 @pytest.mark.parametrize(
     "sql",
-    [b"SELECT set_config('search_path', 'x', false)", b"select pg_advisory_lock(1)",
-     b"SELECT pg_try_advisory_lock(42)", b"SET SESSION AUTHORIZATION alice", b"set role r1",
-     b"SET  session  statement_timeout = 5"],
+    [
+        b"SELECT set_config('search_path', 'x', false)",
+        b"select pg_advisory_lock(1)",
+        b"SELECT pg_try_advisory_lock(42)",
+        b"SET SESSION AUTHORIZATION alice",
+        b"set role r1",
+        b"SET  session  statement_timeout = 5",
+    ],
 )
 def test_dirty_text(sql: bytes) -> None:
     assert text_is_dirty(sql)
@@ -69,8 +98,12 @@ def test_dirty_text(sql: bytes) -> None:
 
 @pytest.mark.parametrize(
     "sql",
-    [b"CREATE TEMP TABLE t AS SELECT 1", b"SELECT 1 INTO TEMP t2", b"create temporary view v as select 1",
-     b"CREATE TEMP SEQUENCE s"],
+    [
+        b"CREATE TEMP TABLE t AS SELECT 1",
+        b"SELECT 1 INTO TEMP t2",
+        b"create temporary view v as select 1",
+        b"CREATE TEMP SEQUENCE s",
+    ],
 )
 def test_temporary_objects_whose_tag_does_not_tell_are_dirty_by_text(sql: bytes) -> None:
     """PostgreSQL answers these with ``SELECT n`` / ``CREATE VIEW`` / ``CREATE SEQUENCE`` (clean
@@ -78,8 +111,9 @@ def test_temporary_objects_whose_tag_does_not_tell_are_dirty_by_text(sql: bytes)
     assert text_is_dirty(sql)
 
 
-@pytest.mark.parametrize("sql", [b"SELECT 1", b"INSERT INTO t VALUES (1)", b"UPDATE settings SET v = 1",
-                                 b"SELECT attempt FROM runs"])
+@pytest.mark.parametrize(
+    "sql", [b"SELECT 1", b"INSERT INTO t VALUES (1)", b"UPDATE settings SET v = 1", b"SELECT attempt FROM runs"]
+)
 def test_clean_text(sql: bytes) -> None:
     assert not text_is_dirty(sql)
 
@@ -104,9 +138,17 @@ def test_custom_setting_names(sql: bytes, names: set[str]) -> None:
 
 @pytest.mark.parametrize(
     ("sql", "commits"),
-    [(b"COMMIT", True), (b"commit;", True), (b"END", True), (b"PREPARE TRANSACTION 'gx'", True),
-     (b"BEGIN; INSERT INTO t VALUES (1); COMMIT", True), (b"SELECT 1", False), (b"SELECT commit_ts FROM t", False),
-     (b"ROLLBACK", False), (b"INSERT INTO t VALUES (1)", False)],
+    [
+        (b"COMMIT", True),
+        (b"commit;", True),
+        (b"END", True),
+        (b"PREPARE TRANSACTION 'gx'", True),
+        (b"BEGIN; INSERT INTO t VALUES (1); COMMIT", True),
+        (b"SELECT 1", False),
+        (b"SELECT commit_ts FROM t", False),
+        (b"ROLLBACK", False),
+        (b"INSERT INTO t VALUES (1)", False),
+    ],
 )
 def test_may_commit(sql: bytes, commits: bool) -> None:
     assert may_commit(sql) is commits
@@ -114,9 +156,18 @@ def test_may_commit(sql: bytes, commits: bool) -> None:
 
 @pytest.mark.parametrize(
     ("sql", "ends"),
-    [(b"ROLLBACK", True), (b"rollback;", True), (b"  ABORT WORK ", True), (b"COMMIT TRANSACTION\x00", True),
-     (b"END", True), (b"rollback transaction;\x00", True), (b"ROLLBACK TO SAVEPOINT a", False),
-     (b"BEGIN", False), (b"SELECT 1", False), (b"ROLLBACK; SELECT 1", False)],
+    [
+        (b"ROLLBACK", True),
+        (b"rollback;", True),
+        (b"  ABORT WORK ", True),
+        (b"COMMIT TRANSACTION\x00", True),
+        (b"END", True),
+        (b"rollback transaction;\x00", True),
+        (b"ROLLBACK TO SAVEPOINT a", False),
+        (b"BEGIN", False),
+        (b"SELECT 1", False),
+        (b"ROLLBACK; SELECT 1", False),
+    ],
 )
 def test_is_transaction_end(sql: bytes, ends: bool) -> None:
     assert is_transaction_end(sql) is ends
@@ -175,8 +226,11 @@ def test_parse_snapshot_reads_every_column() -> None:
 def test_parse_snapshot_identity_and_non_replayable_counts() -> None:
     state = parse_snapshot(snapshot_row(auth="alice", role="r1", temp="2", advisory="1", hold="3"), "app")
     assert state.session_authorization == "alice" and state.role == "r1"
-    assert state.non_replayable() == ["2 temporary table(s)", "1 session-level advisory lock(s)",
-                                      "3 WITH HOLD cursor(s)"]
+    assert state.non_replayable() == [
+        "2 temporary table(s)",
+        "1 session-level advisory lock(s)",
+        "3 WITH HOLD cursor(s)",
+    ]
 
 
 def test_parse_snapshot_nulls_mean_empty() -> None:
@@ -186,7 +240,8 @@ def test_parse_snapshot_nulls_mean_empty() -> None:
 
 def test_unknown_state_is_not_replayable() -> None:
     assert SessionState(unknown="42501 permission denied").non_replayable() == [
-        "session state that could not be read (42501 permission denied)"]
+        "session state that could not be read (42501 permission denied)"
+    ]
 
 
 def test_parse_facts() -> None:
@@ -199,8 +254,9 @@ def test_parse_facts() -> None:
 def test_parse_facts_identity_columns() -> None:
     """The row as PostgreSQL 15 sends it to an ordinary role (text format)."""
     row = [b"1796159205.065955", b"f", b"off", b"127.0.0.1", b"47555", b"7714445028576536906", b"1"]
-    assert parse_facts(row) == ServerFacts(1796159205.065955, False, False, "127.0.0.1", 47555,
-                                           "7714445028576536906", 1)
+    assert parse_facts(row) == ServerFacts(
+        1796159205.065955, False, False, "127.0.0.1", 47555, "7714445028576536906", 1
+    )
     standby = parse_facts([b"1796159206.5", b"t", b"off", b"127.0.0.1", b"48883", b"77", b"1"])
     assert standby.in_recovery is True and standby.read_only is True  # recovery forces read-only
     unix = parse_facts([b"1.0", b"f", b"on", None, None, None, None])
@@ -230,7 +286,9 @@ PRIMARY = ServerFacts(1000.0, False, False, "10.0.0.5", 5432, "77", 1)
 def test_new_facts_of_a_switchover_to_a_standby() -> None:
     standby = ServerFacts(2000.0, True, True, "10.0.0.5", 5432, "77", 1)
     assert _compared(PRIMARY, standby) == {
-        "postmaster_start_changed": True, "in_recovery_now": True, "read_only_now": True,
+        "postmaster_start_changed": True,
+        "in_recovery_now": True,
+        "read_only_now": True,
         "system_identifier_changed": False,
     }
 
@@ -312,8 +370,15 @@ def test_replay_order() -> None:
     messages = queries_of(plan.data)
     assert [m[0] for m in messages] == [b"Q", b"P", b"S"]
     sql = fe.Query.decode(messages[0][1]).sql
-    order = ["'session_authorization'", "'role'", "'app.tenant'", "'statement_timeout'", "PREPARE q AS SELECT 1",
-             'LISTEN "jobs"', 'LISTEN "we""ird"']
+    order = [
+        "'session_authorization'",
+        "'role'",
+        "'app.tenant'",
+        "'statement_timeout'",
+        "PREPARE q AS SELECT 1",
+        'LISTEN "jobs"',
+        'LISTEN "we""ird"',
+    ]
     positions = [sql.replace("$pgsc$", "'").find(part) for part in order]
     assert -1 not in positions, sql
     assert positions == sorted(positions), sql
@@ -411,8 +476,15 @@ def test_terminate_ends_the_block_and_is_kept_for_the_caller() -> None:
 
 
 def extended(sql: str) -> bytes:
-    return (fe.Parse("", sql).encode() + b"B" + (12).to_bytes(4, "big") + b"\x00\x00\x00\x00\x00\x00\x00\x00"
-            + fe.Describe(b"P", "").encode() + fe.Execute("").encode() + fe.Sync().encode())
+    return (
+        fe.Parse("", sql).encode()
+        + b"B"
+        + (12).to_bytes(4, "big")
+        + b"\x00\x00\x00\x00\x00\x00\x00\x00"
+        + fe.Describe(b"P", "").encode()
+        + fe.Execute("").encode()
+        + fe.Sync().encode()
+    )
 
 
 def test_extended_protocol_batch_fails_until_a_rollback_batch() -> None:
@@ -421,8 +493,13 @@ def test_extended_protocol_batch_fails_until_a_rollback_batch() -> None:
     assert responder.feed(extended("SELECT 1")) == (err("25P02", IN_FAILED) + z(b"E"), b"", False)
     reply, rest, done = responder.feed(extended("ROLLBACK"))
     assert done and rest == b""
-    assert reply == (be.ParseComplete().encode() + be.BindComplete().encode() + be.NoData().encode()
-                     + be.CommandComplete("ROLLBACK").encode() + z(b"I"))
+    assert reply == (
+        be.ParseComplete().encode()
+        + be.BindComplete().encode()
+        + be.NoData().encode()
+        + be.CommandComplete("ROLLBACK").encode()
+        + z(b"I")
+    )
 
 
 def test_a_large_message_in_a_lost_transaction_is_skipped_not_held() -> None:
@@ -440,16 +517,19 @@ def test_a_large_message_in_a_lost_transaction_is_skipped_not_held() -> None:
     assert reply == err("08006", LOST) + z(b"E")
 
 
-@pytest.mark.parametrize("sql, commits, dirty", [
-    (b"SELECT abalance FROM pgbench_accounts WHERE aid = 1", False, False),
-    (b"COMMIT", True, False),
-    (b"UPDATE t SET x = 1", False, False),
-    (b"SET search_path = app", False, False),  # plain SET: the "SET" command tag marks it
-    (b"SET app.tenant = 'acme'", False, True),
-    (b"select pg_advisory_lock(1)", False, True),
-    (b"CREATE TEMP TABLE t (x int)", False, True),
-    (b"SELECT t.a FROM t", False, False),
-])
+@pytest.mark.parametrize(
+    "sql, commits, dirty",
+    [
+        (b"SELECT abalance FROM pgbench_accounts WHERE aid = 1", False, False),
+        (b"COMMIT", True, False),
+        (b"UPDATE t SET x = 1", False, False),
+        (b"SET search_path = app", False, False),  # plain SET: the "SET" command tag marks it
+        (b"SET app.tenant = 'acme'", False, True),
+        (b"select pg_advisory_lock(1)", False, True),
+        (b"CREATE TEMP TABLE t (x int)", False, True),
+        (b"SELECT t.a FROM t", False, False),
+    ],
+)
 def test_note_request_books_state_and_says_whether_it_may_commit(sql: bytes, commits: bool, dirty: bool) -> None:
     book = SessionBook()
     assert book.note_request(sql) is commits

@@ -154,13 +154,9 @@ def test_verify_full_checks_chain_and_name(pki: TestPKI, tmp_path: Path) -> None
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
 
 
-def test_verify_full_without_sni_leaves_the_name_check_to_upstream(
-    pki: TestPKI, tmp_path: Path
-) -> None:
+def test_verify_full_without_sni_leaves_the_name_check_to_upstream(pki: TestPKI, tmp_path: Path) -> None:
     """Python checks names only together with SNI; with sslsni=0 upstream.py checks afterwards."""
-    by_name = upstream_context(
-        _target("verify-full", sslrootcert=pki.ca_cert, sslsni=False), home=str(tmp_path)
-    )
+    by_name = upstream_context(_target("verify-full", sslrootcert=pki.ca_cert, sslsni=False), home=str(tmp_path))
     assert by_name is not None and by_name.check_hostname is False
     assert by_name.verify_mode == ssl.CERT_REQUIRED
     by_ip = upstream_context(
@@ -206,7 +202,7 @@ def test_verify_without_root_cert_is_a_clear_error(mode: str, tmp_path: Path) ->
 def test_configured_root_cert_that_is_missing_is_an_error(tmp_path: Path) -> None:
     missing = str(tmp_path / "nope.crt")
     for mode in ("require", "verify-full"):
-        with pytest.raises(TlsConfigError, match="nope.crt"):
+        with pytest.raises(TlsConfigError, match=r"nope\.crt"):
             upstream_context(_target(mode, sslrootcert=missing), home=str(tmp_path))
 
 
@@ -222,9 +218,7 @@ def test_client_certificate_loaded_and_key_checked(pki: TestPKI, tmp_path: Path)
     assert upstream_context(target, home=str(tmp_path)) is not None
     loose_key = _write(tmp_path / "loose.key", Path(pki.client_key).read_bytes(), 0o644)
     with pytest.raises(TlsConfigError, match="group or world access"):
-        upstream_context(
-            _target("require", sslcert=pki.client_cert, sslkey=loose_key), home=str(tmp_path)
-        )
+        upstream_context(_target("require", sslcert=pki.client_cert, sslkey=loose_key), home=str(tmp_path))
     with pytest.raises(TlsConfigError, match="does not exist"):
         upstream_context(_target("require", sslcert=str(tmp_path / "x.crt")), home=str(tmp_path))
 
@@ -244,9 +238,7 @@ def test_local_context_off_when_tls_off() -> None:
     assert local_server_context(ListenConfig(tls=False)) is None
 
 
-def test_generated_local_context_verifies_for_loopback_names(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_generated_local_context_verifies_for_loopback_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     server = local_server_context(ListenConfig())
     assert server is not None
@@ -274,7 +266,7 @@ def test_generated_certificate_passes_verify_full_only_for_its_names(
     t = _target("verify-full", host="db.example", sslrootcert=root)
     ctx = upstream_context(t, home=str(tmp_path))
     assert ctx is not None
-    with pytest.raises(ssl.SSLCertVerificationError, match="[Hh]ostname mismatch"):
+    with pytest.raises(ssl.SSLCertVerificationError, match=r"[Hh]ostname mismatch"):
         _handshake(ctx, server, "db.example")
 
 
@@ -293,7 +285,7 @@ def test_configured_local_certificate(pki: TestPKI) -> None:
 def _cert_with(names: list[str], cn: str) -> bytes:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -304,9 +296,7 @@ def _cert_with(names: list[str], cn: str) -> bytes:
         .not_valid_after(now + dt.timedelta(days=1))
     )
     if names:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False
-        )
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
     return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
 

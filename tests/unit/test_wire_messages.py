@@ -66,10 +66,8 @@ def test_frontend_exact_bytes() -> None:
     assert fe.Terminate().encode() == b"X\x00\x00\x00\x04"
     assert fe.Execute("", 0).encode() == b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00"
     assert fe.Close(b"S", "a").encode() == b"C\x00\x00\x00\x07Sa\x00"
-    assert fe.Parse("", "x", (25,)).encode() == (
-        b"P\x00\x00\x00\x0d\x00x\x00\x00\x01\x00\x00\x00\x19")
-    assert fe.SASLInitialResponse("M", b"ab").encode() == (
-        b"p\x00\x00\x00\x0cM\x00\x00\x00\x00\x02ab")
+    assert fe.Parse("", "x", (25,)).encode() == (b"P\x00\x00\x00\x0d\x00x\x00\x00\x01\x00\x00\x00\x19")
+    assert fe.SASLInitialResponse("M", b"ab").encode() == (b"p\x00\x00\x00\x0cM\x00\x00\x00\x00\x02ab")
 
 
 def test_sasl_initial_response_without_data() -> None:
@@ -102,10 +100,8 @@ def test_startup_packets_round_trip_through_reader(packet: object) -> None:
 def test_startup_exact_bytes() -> None:
     assert fe.SSLRequest().encode() == b"\x00\x00\x00\x08\x04\xd2\x16\x2f"
     assert fe.GSSENCRequest().encode() == b"\x00\x00\x00\x08\x04\xd2\x16\x30"
-    assert fe.CancelRequest(7, b"abcd").encode() == (
-        b"\x00\x00\x00\x10\x04\xd2\x16\x2e\x00\x00\x00\x07abcd")
-    assert fe.StartupMessage({"user": "u"}).encode() == (
-        b"\x00\x00\x00\x10\x00\x03\x00\x00user\x00u\x00\x00")
+    assert fe.CancelRequest(7, b"abcd").encode() == (b"\x00\x00\x00\x10\x04\xd2\x16\x2e\x00\x00\x00\x07abcd")
+    assert fe.StartupMessage({"user": "u"}).encode() == (b"\x00\x00\x00\x10\x00\x03\x00\x00user\x00u\x00\x00")
 
 
 @pytest.mark.parametrize(
@@ -141,8 +137,7 @@ TYPED_BACKEND = [
     be.ReadyForQuery(b"I"),
     be.ReadyForQuery(b"T"),
     be.ReadyForQuery(b"E"),
-    be.ErrorResponse.make("FATAL", sqlstate.ADMIN_SHUTDOWN,
-                          "terminating connection due to administrator command"),
+    be.ErrorResponse.make("FATAL", sqlstate.ADMIN_SHUTDOWN, "terminating connection due to administrator command"),
     be.ErrorResponse.make("ERROR", "08006", "lost", detail="d", hint="h"),
     be.ErrorResponse(()),
     be.NoticeResponse.make("WARNING", "01000", "careful"),
@@ -185,14 +180,15 @@ def test_backend_round_trip_through_frames(message: object) -> None:
 def test_backend_exact_bytes() -> None:
     assert be.ReadyForQuery(b"I").encode() == b"Z\x00\x00\x00\x05I"
     assert be.AuthenticationOk().encode() == b"R\x00\x00\x00\x08\x00\x00\x00\x00"
-    assert be.AuthenticationMD5Password(b"salt").encode() == (
-        b"R\x00\x00\x00\x0c\x00\x00\x00\x05salt")
+    assert be.AuthenticationMD5Password(b"salt").encode() == (b"R\x00\x00\x00\x0c\x00\x00\x00\x05salt")
     assert be.AuthenticationSASL(("SCRAM-SHA-256",)).encode() == (
-        b"R\x00\x00\x00\x17\x00\x00\x00\x0aSCRAM-SHA-256\x00\x00")
+        b"R\x00\x00\x00\x17\x00\x00\x00\x0aSCRAM-SHA-256\x00\x00"
+    )
     assert be.BackendKeyData(1, b"abcd").encode() == b"K\x00\x00\x00\x0c\x00\x00\x00\x01abcd"
     # RowDescription encodes text columns: table 0, attnum 0, type 25, size -1, typmod -1, text.
     assert be.RowDescription(("x",)).encode() == (
-        b"T\x00\x00\x00\x1a\x00\x01x\x00" + struct.pack("!ihihih", 0, 0, 25, -1, -1, 0))
+        b"T\x00\x00\x00\x1a\x00\x01x\x00" + struct.pack("!ihihih", 0, 0, 25, -1, -1, 0)
+    )
 
 
 def test_row_description_decode_skips_column_details() -> None:
@@ -202,10 +198,10 @@ def test_row_description_decode_skips_column_details() -> None:
 
 
 def test_error_response_accessors() -> None:
-    error = be.ErrorResponse.make("FATAL", "57P05", "terminating connection due to "
-                                  "idle-session timeout", hint="reconnect")
-    assert (error.severity, error.code, error.detail, error.hint) == (
-        "FATAL", "57P05", None, "reconnect")
+    error = be.ErrorResponse.make(
+        "FATAL", "57P05", "terminating connection due to idle-session timeout", hint="reconnect"
+    )
+    assert (error.severity, error.code, error.detail, error.hint) == ("FATAL", "57P05", None, "reconnect")
     assert error.message.startswith("terminating")
     # A localized server: S is translated, V is not (55.8).
     localized = be.ErrorResponse((("S", "FATAL-ish"), ("V", "FATAL"), ("C", "57P01")))
@@ -304,23 +300,42 @@ def test_non_utf8_text_round_trips_byte_for_byte() -> None:
 
 
 FRONTEND_DECODERS = [
-    fe.StartupMessage.decode, fe.SSLRequest.decode, fe.GSSENCRequest.decode,
-    fe.CancelRequest.decode, fe.decode_startup_packet, fe.PasswordMessage.decode,
-    fe.SASLInitialResponse.decode, fe.SASLResponse.decode, fe.Query.decode, fe.Parse.decode,
-    fe.Close.decode, fe.Describe.decode, fe.Execute.decode, fe.Sync.decode, fe.Flush.decode,
+    fe.StartupMessage.decode,
+    fe.SSLRequest.decode,
+    fe.GSSENCRequest.decode,
+    fe.CancelRequest.decode,
+    fe.decode_startup_packet,
+    fe.PasswordMessage.decode,
+    fe.SASLInitialResponse.decode,
+    fe.SASLResponse.decode,
+    fe.Query.decode,
+    fe.Parse.decode,
+    fe.Close.decode,
+    fe.Describe.decode,
+    fe.Execute.decode,
+    fe.Sync.decode,
+    fe.Flush.decode,
     fe.Terminate.decode,
 ]
 BACKEND_DECODERS = [
-    be.decode_authentication, be.error_fields,
+    be.decode_authentication,
+    be.error_fields,
     *(cls.decode for cls in be.BY_TYPE.values()),
-    *(cls.decode for cls in (
-        be.AuthenticationOk, be.AuthenticationCleartextPassword, be.AuthenticationMD5Password,
-        be.AuthenticationSASL, be.AuthenticationSASLContinue, be.AuthenticationSASLFinal)),
+    *(
+        cls.decode
+        for cls in (
+            be.AuthenticationOk,
+            be.AuthenticationCleartextPassword,
+            be.AuthenticationMD5Password,
+            be.AuthenticationSASL,
+            be.AuthenticationSASLContinue,
+            be.AuthenticationSASLFinal,
+        )
+    ),
 ]
 
 # Payloads biased toward almost-valid: real encodings with bytes cut, flipped or appended.
-VALID_PAYLOADS = [m.encode()[5:] for m in TYPED_FRONTEND + TYPED_BACKEND] + [
-    p.encode()[4:] for p in STARTUP_PACKETS]
+VALID_PAYLOADS = [m.encode()[5:] for m in TYPED_FRONTEND + TYPED_BACKEND] + [p.encode()[4:] for p in STARTUP_PACKETS]
 
 
 @st.composite
@@ -356,8 +371,7 @@ def test_decoders_raise_only_protocol_errors(payload: bytes) -> None:
     fields=st.lists(
         st.tuples(
             st.characters(min_codepoint=0x21, max_codepoint=0x7E),
-            st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
-                    max_size=20),
+            st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=20),
         ),
         max_size=8,
     )
@@ -372,10 +386,8 @@ def test_error_response_round_trip_property(fields: list[tuple[str, str]]) -> No
 @settings(max_examples=200, deadline=None)
 @given(
     params=st.dictionaries(
-        st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
-                min_size=1, max_size=10),
-        st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
-                max_size=10),
+        st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), min_size=1, max_size=10),
+        st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=10),
         max_size=5,
     )
 )

@@ -362,7 +362,11 @@ def _role_change(ev: Evidence, said: tuple[str, ...]) -> Found:
         found.insert(0, "postmaster_start_changed")
     obs, first = ev.observed, _first_error(r)
     vanished = any(text in _msg(obs) for text in ("immediate shutdown", "unexpected postmaster exit"))
-    if _is_57p01(obs) and not vanished:
+    if vanished:
+        # An immediate stop still answers "shutting down" for a moment: what the session was
+        # told first decides, not the reconnect's first refusal.
+        return DropCause.FAILOVER, (*said, *found)
+    if _is_57p01(obs):
         return DropCause.SWITCHOVER, (*said, *found)
     if first.startswith(sqlstate.CANNOT_CONNECT_NOW) and "shutting down" in first.lower():
         return DropCause.SWITCHOVER, (*said, "reconnect_first_error=57P03", *found)

@@ -39,16 +39,17 @@ def error_codes(data: bytes) -> tuple[str, ...]:
 
 @dataclass(frozen=True, slots=True)
 class SendToClient:
-    """Bytes for the client. ``own`` marks bytes pgsidecar wrote itself (never relayed server
-    data); ``errors`` are then the SQLSTATEs of its ErrorResponses, for the error counters."""
+    """Bytes for the client. ``errors``: the SQLSTATEs of the ErrorResponses pgsidecar wrote
+    itself into them (``mine``), for the error counters; relayed server data has none."""
 
     data: bytes
-    own: bool = field(default=False, compare=False)
     errors: tuple[str, ...] = field(default=(), compare=False)
 
-    def __post_init__(self) -> None:
-        if self.own and not self.errors:
-            object.__setattr__(self, "errors", error_codes(self.data))
+    @classmethod
+    def mine(cls, data: bytes) -> SendToClient:
+        """Bytes pgsidecar wrote itself (its own errors, or the server's words it passes on as
+        its verdict): their ErrorResponses are counted. Kept off the relay's hot path."""
+        return cls(data, error_codes(data))
 
 
 @dataclass(frozen=True, slots=True)

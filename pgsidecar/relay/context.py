@@ -109,7 +109,7 @@ class SessionContext:
         """End the session with a FATAL of pgsidecar's own (a client's protocol error, a refusal)."""
         self.goto(Phase.CLOSED)
         out: list[cmd.Command] = [
-            cmd.SendToClient(error_bytes("FATAL", code, message), own=True),
+            cmd.SendToClient.mine(error_bytes("FATAL", code, message)),
             cmd.CloseClient(),
             cmd.CloseServer(),
         ]

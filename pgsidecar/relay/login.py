@@ -260,7 +260,7 @@ class Login:
             return [
                 cmd.CloseServer(),
                 *self.reconnect.finish_drop(impact=f"fatal {error.code}", succeeded=False),
-                cmd.SendToClient(raw, own=True),
+                cmd.SendToClient.mine(raw),
                 cmd.CloseClient(),
             ]
         return [cmd.CloseServer(), *self.reconnect.schedule_retry(ctx.now)]

@@ -84,7 +84,7 @@ class Reconnect:
             )
             out += [
                 *self.finish_drop(impact=impact, succeeded=None),
-                cmd.SendToClient(decision.fatal, own=True),
+                cmd.SendToClient.mine(decision.fatal),
                 cmd.CloseClient(),
             ]
             if decision.client_protocol_violation:
@@ -96,7 +96,7 @@ class Reconnect:
                 )
             return out
         if decision.to_client:
-            out.append(cmd.SendToClient(decision.to_client, own=True))
+            out.append(cmd.SendToClient.mine(decision.to_client))
         ctx.responder = decision.responder
         self.relay.after_drop(resend=decision.resend is not None)
         ctx.pending.clear()
@@ -251,7 +251,7 @@ class Reconnect:
         answers = self._held_sync_points() * (error_bytes("ERROR", code, f"pgsidecar: {reason}") + ready_bytes(b"I"))
         return [
             *out,
-            cmd.SendToClient(answers + error_bytes("FATAL", code, f"pgsidecar: {reason}"), own=True),
+            cmd.SendToClient.mine(answers + error_bytes("FATAL", code, f"pgsidecar: {reason}")),
             cmd.CloseClient(),
             cmd.Log(LogLevel.WARNING, f"session {ctx.peer} closed: {reason}"),
         ]
@@ -282,7 +282,7 @@ class Reconnect:
         ctx = self.ctx
         assert ctx.responder is not None
         reply, rest, done = ctx.responder.feed(data)
-        out: list[cmd.Command] = [cmd.SendToClient(reply, own=True)] if reply else []
+        out: list[cmd.Command] = [cmd.SendToClient.mine(reply)] if reply else []
         if done:
             ctx.responder = None
             if rest:

@@ -434,9 +434,8 @@ class Relaying:
         """What PostgreSQL sends on a shutdown (57P01 admin_shutdown), then close both sides."""
         self.ctx.goto(Phase.CLOSED)
         return [
-            cmd.SendToClient(
-                error_bytes("FATAL", sqlstate.ADMIN_SHUTDOWN, "terminating connection due to administrator command"),
-                own=True,
+            cmd.SendToClient.mine(
+                error_bytes("FATAL", sqlstate.ADMIN_SHUTDOWN, "terminating connection due to administrator command")
             ),
             cmd.CloseClient(),
             cmd.CloseServer(),

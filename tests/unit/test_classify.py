@@ -173,6 +173,12 @@ TABLE: list[tuple[str, Evidence, DropCause]] = [
         C.FAILOVER,
     ),
     (
+        # Seen in CI: an immediate stop still says "shutting down" to the first reconnect.
+        "immediate shutdown, first error shutting down, then a promoted standby",
+        ev(warn_eof("57P01", IMMEDIATE), ok(3, errors=[SHUTTING_DOWN, "ECONNREFUSED"], **PROMOTED_NOW)),
+        C.FAILOVER,
+    ),
+    (
         "crash, then a standby (not the crash of this server)",
         ev(warn_eof("57P02", CRASH), ok(2, errors=["ECONNREFUSED"], **STANDBY_NOW)),
         C.FAILOVER,

@@ -64,10 +64,13 @@ class StartClientTLS:
 
 @dataclass(frozen=True, slots=True)
 class OpenServer:
-    """Open the upstream socket; ``use_tls`` None means "as sslmode says". ``reconnect`` marks an
+    """Open the upstream socket: over TLS or not (None: as sslmode says, for callers without a
+    policy), and under sslmode=prefer, whether a failed handshake is retried in plaintext on each
+    address (libpq's rule; the brain decides it from the policy). ``reconnect`` marks an
     established session's reconnect, which the runtime serves before first logins."""
 
     use_tls: bool | None = None
+    plaintext_retry: bool = False
     reconnect: bool = False
 
 

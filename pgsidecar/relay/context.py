@@ -42,6 +42,10 @@ class SessionPolicy:
     client_auth: str = "trust"  # configured mode: "trust" (loopback only) or "scram" against client_password
     client_password: str | None = None
     allow_tls_retry: bool = False  # sslmode=allow: a plaintext login the server rejects is retried over TLS
+    # How to open the upstream (libpq sslmode): TLS first or not (None: let the runtime read
+    # sslmode), and sslmode=prefer's plaintext retry after a failed handshake.
+    open_tls: bool | None = None
+    plaintext_retry: bool = False
 
 
 @dataclass(slots=True)
@@ -95,6 +99,11 @@ class SessionContext:
         """The one way the phase changes (relay/phases.py TRANSITIONS)."""
         check_transition(self.phase, phase)
         self.phase = phase
+
+    def open_server(self, *, reconnect: bool) -> cmd.OpenServer:
+        """A new upstream connection, TLS as the policy says (sslmode)."""
+        policy = self.policy
+        return cmd.OpenServer(use_tls=policy.open_tls, plaintext_retry=policy.plaintext_retry, reconnect=reconnect)
 
     def hold(self, data: bytes) -> list[cmd.Command]:
         """Keep client bytes until the upstream can take them; past max_buffered, stop reading."""

@@ -110,7 +110,11 @@ class Reconnect:
             else:
                 ctx.held.insert(0, decision.rewind)
                 ctx.held_bytes += len(decision.rewind)
-        return [*out, cmd.SetTimer(TimerName.DEADLINE, ctx.policy.reconnect_deadline_s), cmd.OpenServer(reconnect=True)]
+        return [
+            *out,
+            cmd.SetTimer(TimerName.DEADLINE, ctx.policy.reconnect_deadline_s),
+            self.ctx.open_server(reconnect=True),
+        ]
 
     def _snapshot(self) -> DropSnapshot:
         """What the session rules look at, taken now."""
@@ -190,14 +194,14 @@ class Reconnect:
             return []
         self.backoff_pending = False
         self.ctx.drops.attempt()
-        return [cmd.CancelTimer(TimerName.BACKOFF), cmd.OpenServer(reconnect=True)]
+        return [cmd.CancelTimer(TimerName.BACKOFF), self.ctx.open_server(reconnect=True)]
 
     def timer(self, event: ev.Timer) -> list[cmd.Command]:
         ctx = self.ctx
         if event.name == TimerName.BACKOFF and ctx.phase in (Phase.RECONNECTING, Phase.AUTHENTICATING):
             self.backoff_pending = False
             ctx.drops.attempt()
-            return [cmd.OpenServer(reconnect=ctx.phase is Phase.RECONNECTING)]
+            return [ctx.open_server(reconnect=ctx.phase is Phase.RECONNECTING)]
         if event.name == TimerName.DEADLINE and ctx.phase in (Phase.RECONNECTING, Phase.REPLAYING):
             return self.give_up(
                 f"could not reconnect within {ctx.policy.reconnect_deadline_s:g} s: {ctx.drops.last_error}"

@@ -111,7 +111,7 @@ class ClientStartup:
             # 55.3 SASL Authentication, with pgsidecar as the server for the local hop.
             self.scram = ScramServer(policy.client_password or "")
             return [*out, cmd.SendToClient(be.AuthenticationSASL(("SCRAM-SHA-256",)).encode())]
-        return [*out, cmd.CancelTimer(TimerName.STARTUP), cmd.OpenServer()]
+        return [*out, cmd.CancelTimer(TimerName.STARTUP), self.ctx.open_server(reconnect=False)]
 
     def _transport_refusal(self) -> str | None:
         """Passwords cross only loopback, unix sockets or TLS; configured trust is loopback only."""
@@ -152,7 +152,7 @@ class ClientStartup:
                 *out,
                 cmd.SendToClient(be.AuthenticationSASLFinal(final).encode()),
                 cmd.CancelTimer(TimerName.STARTUP),
-                cmd.OpenServer(),
+                self.ctx.open_server(reconnect=False),
             ]
         return out
 

@@ -220,7 +220,7 @@ class ClientDriver(asyncio.Protocol):
 
     def _other(self, command: object) -> None:
         if isinstance(command, cmd.OpenServer):
-            self._open_server(command.use_tls, command.reconnect)
+            self._open_server(command.use_tls, command.reconnect, command.plaintext_retry)
         elif isinstance(command, cmd.CloseServer):
             self._close_server(abort=command.abort)
         elif isinstance(command, cmd.CloseClient):
@@ -300,19 +300,19 @@ class ClientDriver(asyncio.Protocol):
         self.client = new
         self.feed(ev.ClientTLSStarted(time.monotonic()))
 
-    def _open_server(self, use_tls: bool | None, reconnect: bool = False) -> None:
+    def _open_server(self, use_tls: bool | None, reconnect: bool = False, plaintext_retry: bool = False) -> None:
         self._close_server()
-        self.connecting = asyncio.ensure_future(self._connect(use_tls, reconnect))
+        self.connecting = asyncio.ensure_future(self._connect(use_tls, reconnect, plaintext_retry))
 
-    async def _connect(self, use_tls: bool | None, reconnect: bool = False) -> None:
+    async def _connect(self, use_tls: bool | None, reconnect: bool = False, plaintext_retry: bool = False) -> None:
         try:
-            await self._connect_once(use_tls, reconnect)
+            await self._connect_once(use_tls, reconnect, plaintext_retry)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - a bug ends this session only; fail() logs the traceback
             self.fail(f"internal error while connecting upstream for session {self.brain.ctx.peer or '?'}; closing it")
 
-    async def _connect_once(self, use_tls: bool | None, reconnect: bool = False) -> None:
+    async def _connect_once(self, use_tls: bool | None, reconnect: bool = False, plaintext_retry: bool = False) -> None:
         side = ServerSide(self)
         try:
             # The brain's reconnect mark picks the gate's class: reconnects go before first logins.
@@ -323,6 +323,7 @@ class ClientDriver(asyncio.Protocol):
                     lambda: side,
                     ssl_context=self.sidecar.upstream_tls_context,
                     use_tls=use_tls,
+                    plaintext_retry=plaintext_retry,
                 )
         except UpstreamError as exc:
             self.connecting = None

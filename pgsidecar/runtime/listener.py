@@ -44,6 +44,8 @@ def policy_from_config(config: Config) -> SessionPolicy:
         client_auth=auth.client_auth,
         client_password=auth.client_password,
         allow_tls_retry=target.sslmode is SslMode.ALLOW,
+        open_tls=target.sslmode not in (SslMode.DISABLE, SslMode.ALLOW),
+        plaintext_retry=target.sslmode is SslMode.PREFER,
     )
 
 

@@ -127,6 +127,7 @@ async def open_upstream(
     *,
     ssl_context: ssl.SSLContext | None,
     use_tls: bool | None = None,
+    plaintext_retry: bool | None = None,
     timeout_s: float | None = None,
 ) -> tuple[asyncio.Transport, asyncio.Protocol, UpstreamFacts]:
     """Connect to `target`; raise UpstreamError with the last address's failure.
@@ -142,7 +143,11 @@ async def open_upstream(
     tls = use_tls if use_tls is not None else dial.mode in _TLS_MODES
     if tls and ssl_context is None:
         raise ValueError(f"TLS requested for sslmode={dial.mode.value} but no ssl_context given")
-    retry_plaintext = use_tls is None and dial.mode is SslMode.PREFER
+    # A session's brain says both (OpenServer); other callers (check, health, cancel) leave
+    # them to sslmode.
+    retry_plaintext = (
+        plaintext_retry if plaintext_retry is not None else (use_tls is None and dial.mode is SslMode.PREFER)
+    )
     infos = await _resolve(dial)
     last: UpstreamError | None = None
     for family, _type, proto, _canon, sockaddr in infos:

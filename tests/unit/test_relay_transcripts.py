@@ -716,3 +716,12 @@ def test_a_notice_during_login_reaches_the_client_well_formed() -> None:
     kinds = [kind for kind, _ in messages(to_client(out))]
     assert kinds[-2:] == [b"N", b"Z"]
     assert notice in to_client(out)
+
+
+def test_the_brain_says_how_to_open_the_upstream() -> None:
+    """sslmode=prefer: TLS first, and a failed handshake retried in plaintext (libpq's rule),
+    decided by the brain from its policy and carried out by the runtime."""
+    pb = Playbook(open_tls=True, plaintext_retry=True)
+    pb.client_connected()
+    out = pb.client(fe.StartupMessage(dict(PARAMS)).encode())
+    assert out == [cmd.CancelTimer("startup"), cmd.OpenServer(use_tls=True, plaintext_retry=True)]

@@ -257,9 +257,14 @@ class FrameScanner:
             body = self._body
             if body is not None:
                 self._body = None
-                whole = len(body) == self._size - 5
-                # A whole body is handed over without another copy (a named Parse may be large).
-                out.append((self._type, body if whole else Prefix(body)))  # type: ignore[arg-type]  # a bytearray handed over uncopied, read as bytes
+                if len(body) < self._size - 5:
+                    out.append((self._type, Prefix(body)))
+                elif len(body) <= self.prefix:
+                    out.append((self._type, bytes(body)))  # small: bytes, as callers hash and compare them
+                else:
+                    # Only a named Parse is collected past the prefix: handed over without another
+                    # copy (it may be large), and read as bytes by every caller.
+                    out.append((self._type, body))  # type: ignore[arg-type]  # a bytearray, read as bytes
                 if self._type in self.marks:
                     self.last_mark = self.messages + 1
             self.messages += 1

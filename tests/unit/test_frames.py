@@ -324,3 +324,13 @@ def test_startup_reader_arbitrary_bytes_raise_only_client_protocol_errors(data: 
                 assert 4 <= len(packet) <= MAX_STARTUP_PACKET - 4
     except ProtocolError as exc:
         assert isinstance(exc, ClientProtocolError)
+
+
+def test_a_wanted_message_spanning_reads_comes_out_as_bytes() -> None:
+    """A CommandComplete cut across reads: its tag is hashed and compared like any other (a
+    bytearray here once broke the relay in psycopg 3's pipeline mode)."""
+    scanner = FrameScanner(b"C", MAX, client=False)
+    msg = typed_message(b"C", b"CREATE TABLE\x00")
+    assert scanner.feed(msg[:7]) == []
+    ((t, payload),) = scanner.feed(msg[7:])
+    assert type(payload) is bytes and payload == b"CREATE TABLE\x00"

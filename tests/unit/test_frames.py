@@ -333,4 +333,5 @@ def test_a_wanted_message_spanning_reads_comes_out_as_bytes() -> None:
     msg = typed_message(b"C", b"CREATE TABLE\x00")
     assert scanner.feed(msg[:7]) == []
     ((t, payload),) = scanner.feed(msg[7:])
+    assert t == ord("C")
     assert type(payload) is bytes and payload == b"CREATE TABLE\x00"

@@ -97,7 +97,11 @@ class Reconnect:
             return out
         if decision.to_client:
             out.append(cmd.SendToClient.mine(decision.to_client))
-        ctx.responder = decision.responder
+        if decision.responder is not None:
+            ctx.responder = decision.responder
+        # Otherwise a responder still answering the client for an earlier drop keeps doing so:
+        # it may be discarding the rest of a message that drop cut, and nothing of it was relayed
+        # since (found by the fuzzer: a second drop used to hand that rest to the next server).
         self.relay.after_drop(resend=decision.resend is not None)
         ctx.pending.clear()
         ctx.pending.status = TxStatus.IDLE

@@ -398,3 +398,34 @@ def test_long_statement_counts_as_state_changing() -> None:
     for i in range(0, len(msg), 65536):
         pb.client(msg[i : i + 65536])
     assert pb.conn.ctx.book.dirty and pb.conn.ctx.inflight_commit
+
+
+@pytest.mark.parametrize("in_transaction", [True, False])
+def test_a_second_drop_while_the_rest_of_a_cut_message_is_discarded(in_transaction: bool) -> None:
+    """Found by the fuzzer: cut a CopyData (too long to keep), drop; reconnect; the new server
+    drops too (an idle timeout) while the client still sends the cut message's rest. That rest
+    must still be discarded, never relayed to the third server."""
+    pb = Playbook(max_buffered_bytes=16)
+    login(pb)
+    if in_transaction:
+        pb.client(fe.Query("BEGIN").encode())
+        pb.server(be.CommandComplete("BEGIN").encode() + z(b"T"))
+    pb.client(fe.Query("COPY t FROM STDIN").encode())
+    pb.server(b"G" + struct.pack("!IbH", 7, 0, 0))
+    body = b"x" * 40 + SMUGGLED
+    message = b"d" + struct.pack("!I", 4 + len(body)) + body
+    pb.client(message[:30])
+    pb.server_closed()
+    reconnect(pb)
+    assert pb.client(message[30:40]) == []
+    pb.server(error("FATAL", "57P05", "terminating connection due to idle-session timeout"))
+    pb.server_closed()
+    assert pb.client(message[40:]) == []
+    out = reconnect(pb)
+    assert SMUGGLED not in to_server(out)
+    q = fe.Query("ROLLBACK").encode() if in_transaction else fe.Query("SELECT 1").encode()
+    out = pb.client(q)
+    if in_transaction:
+        assert to_client(out) == be.CommandComplete("ROLLBACK").encode() + z()
+    else:
+        assert out == [cmd.SendToServer(q)]

@@ -261,7 +261,16 @@ class Relaying:
         scanner starts again at the message's first byte (kept) or past it (discarded). A resent
         request is exactly what the scanner has read, so it keeps its place."""
         if not resend:
-            self.client_scan.rewind()
+            scan = self.client_scan
+            scan.rewind()
+            # What was sent of the current request is settled (answered, or the responder's to
+            # discard): the next byte relayed starts a new request. Found by a property test: a
+            # later 57P05 resent these stale bytes, the start of a cut message among them.
+            scan.last_mark = scan.messages
+            ctx = self.ctx
+            ctx.inflight = []
+            ctx.inflight_bytes = 0
+            ctx.inflight_commit = False
         self.client_prefix = None
         self.server_tail = b""
 

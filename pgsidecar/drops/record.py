@@ -23,6 +23,19 @@ class DropRecordError(ValueError):
     """A line that is not a valid drop record; the message says which key and why."""
 
 
+#: What a new connection can reveal about the drop (reconnect.<name>: true, false or absent).
+REVEAL_KEYS = (
+    "postmaster_start_changed",
+    "in_recovery_seen",
+    "certificate_changed",
+    "address_changed",
+    "read_only_now",
+    "in_recovery_now",
+    "timeline_changed",
+    "system_identifier_changed",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class ClientInfo:
     """Who the app was, as it introduced itself to pgsidecar."""
@@ -295,20 +308,7 @@ def reconnect_from_dict(data: Any) -> ReconnectOutcome:
     for key in ("attempts", "duration_s", "succeeded"):
         if key not in data:
             raise DropRecordError(f"reconnect: missing required key '{key}'")
-    flags = {
-        name: _opt_bool(data.get(name), f"reconnect.{name}")
-        for name in (
-            "postmaster_start_changed",
-            "in_recovery_seen",
-            "certificate_changed",
-            "address_changed",
-            "read_only_now",
-            "in_recovery_now",
-            "timeline_changed",
-            "system_identifier_changed",
-            "abandoned",
-        )
-    }
+    flags = {name: _opt_bool(data.get(name), f"reconnect.{name}") for name in (*REVEAL_KEYS, "abandoned")}
     return ReconnectOutcome(
         attempts=int(_float(data["attempts"], "reconnect.attempts")),
         duration_s=_float(data["duration_s"], "reconnect.duration_s"),

@@ -9,6 +9,7 @@ from typing import Any
 from pgsidecar.config.model import Config
 from pgsidecar.drops.classify import Evidence, Observed, ReconnectOutcome, classify
 from pgsidecar.drops.record import (
+    REVEAL_KEYS,
     ClientInfo,
     DropRecord,
     ServerSnapshot,
@@ -21,16 +22,6 @@ from pgsidecar.observe.droplog import DropLogWriter
 log = logging.getLogger("pgsidecar.drops")
 
 _OBSERVED_KEYS = ("sqlstate", "severity", "message", "tls_close_notify", "errno_name")
-_REVEAL_KEYS = (
-    "postmaster_start_changed",
-    "in_recovery_seen",
-    "certificate_changed",
-    "address_changed",
-    "read_only_now",
-    "in_recovery_now",
-    "timeline_changed",
-    "system_identifier_changed",
-)
 # The impact the brain gives a book closed because the client left mid-reconnect
 # (relay/connection.py _client_closed): that reconnect neither failed nor succeeded.
 ABANDONED_IMPACT = "client left during reconnect"
@@ -77,7 +68,7 @@ def build_record(info: dict[str, Any], *, sidecar: str, config: Config) -> DropR
             succeeded=bool(rec.get("succeeded")),
             errors=tuple(rec.get("errors", ())),
             abandoned=_abandoned(info, rec),
-            **{key: rec.get(key) for key in _REVEAL_KEYS},
+            **{key: rec.get(key) for key in REVEAL_KEYS},
         )
         if rec
         else None

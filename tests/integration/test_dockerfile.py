@@ -1,4 +1,4 @@
-"""The Dockerfile, without a container engine: its facts are checked by parsing it, and its
+"""The Dockerfile, without a container engine (an integration test: it runs pip and a sidecar): its facts are checked by parsing it, and its
 build-stage RUN steps are run as written (paths moved into a temp dir) in a fresh virtualenv; the
 result must print its version and pass the image's own HEALTHCHECK against a running sidecar."""
 

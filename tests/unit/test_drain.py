@@ -9,6 +9,7 @@ from pgsidecar.relay.connection import SessionPolicy, SidecarConnection
 from pgsidecar.relay.phases import Phase
 from pgsidecar.wire import backend as be
 from pgsidecar.wire import frontend as fe
+from tests.playbook import Playbook, login
 
 FACTS = (
     be.RowDescription(("a", "b", "c", "d")).encode()
@@ -19,25 +20,11 @@ FACTS = (
 
 
 def _logged_in(*, answer_facts: bool = True) -> SidecarConnection:
-    """A session past startup and a trust login, relaying, idle (the server facts read, or owed)."""
-    conn = SidecarConnection(SessionPolicy(client_tls=False), secret=b"\x01\x02\x03\x04")
-    conn.handle(ev.ClientConnected(0.0, 0.0, "127.0.0.1:5000", True))
-    out = conn.handle(ev.ClientData(0.1, fe.StartupMessage({"user": "app", "database": "app"}).encode()))
-    assert any(isinstance(c, cmd.OpenServer) for c in out)
-    out = conn.handle(ev.ServerConnected(0.2, 0.2, "127.0.0.1", False, None))
-    assert any(isinstance(c, cmd.SendToServer) for c in out)
-    hello = (
-        be.AuthenticationOk().encode()
-        + be.ParameterStatus("server_version", "15.0").encode()
-        + be.BackendKeyData(4242, b"\x00\x00\x00\x07").encode()
-        + be.ReadyForQuery(b"I").encode()
-    )
-    out = conn.handle(ev.ServerData(0.3, hello))
-    assert conn.phase is Phase.RELAYING
-    assert any(isinstance(c, cmd.SendToServer) for c in out), "the facts query follows the hello"
-    if answer_facts:
-        assert conn.handle(ev.ServerData(0.35, FACTS)) == []
-    return conn
+    """A session past startup and login (the Playbook's), relaying, idle (the server facts read, or owed)."""
+    pb = Playbook(client_tls=False)
+    login(pb, answer_facts=answer_facts)
+    assert pb.conn.phase is Phase.RELAYING
+    return pb.conn
 
 
 def _query(conn: SidecarConnection, sql: str, now: float = 1.0) -> list[object]:

@@ -18,7 +18,9 @@ from pgsidecar.wire import backend as be
 from pgsidecar.wire import frontend as fe
 from pgsidecar.wire import sqlstate
 from pgsidecar.wire.errors import ClientProtocolError
-from pgsidecar.wire.frames import FrameScanner, StartupReader
+from pgsidecar.wire.frames import FrameScanner, MessageBuffer, StartupReader
+
+_PIPELINED = "messages sent before authentication completed are not accepted"
 
 
 class ClientStartup:
@@ -29,7 +31,9 @@ class ClientStartup:
         self.login = login
         self.reader = StartupReader()
         self.scram: ScramServer | None = None
-        self.password_scan = FrameScanner(b"p", 100_000, client=True)  # SASL or password messages
+        self.password_scan = FrameScanner(b"p", 100_000, client=True)  # SASL messages
+        self.auth_buffer = MessageBuffer(100_000, client=True)  # the cleartext password message
+        self.answered = False  # the client gave its password: what follows waits for relaying
 
     def connected(self, event: ev.ClientConnected) -> list[cmd.Command]:
         ctx = self.ctx
@@ -74,7 +78,14 @@ class ClientStartup:
                 out += [cmd.ForwardCancel(msg.pid, msg.secret), cmd.CloseClient()]
             else:
                 out += self._startup_message(msg)
+                if self._authenticating() and self.reader.rest():
+                    # Bytes pipelined before authentication completed would be read from the
+                    # middle of the stream once relaying starts: refused, never relayed.
+                    raise ClientProtocolError(_PIPELINED)
         return out
+
+    def _authenticating(self) -> bool:
+        return self.ctx.phase is Phase.AUTHENTICATING  # a method: the phase changes under a loop
 
     def _startup_message(self, msg: fe.StartupMessage) -> list[cmd.Command]:
         ctx = self.ctx
@@ -127,7 +138,8 @@ class ClientStartup:
     def _client_scram_data(self, data: bytes) -> list[cmd.Command]:
         assert self.scram is not None
         out: list[cmd.Command] = []
-        for _t, payload in self.password_scan.feed(data):
+        before = self.password_scan.messages
+        for i, (_t, payload) in enumerate(self.password_scan.feed(data)):
             scram = self.scram
             try:
                 if not scram.started:
@@ -148,6 +160,8 @@ class ClientStartup:
                     )
                 raise
             self.scram = None
+            if self.password_scan.messages - before != i + 1 or not self.password_scan.at_boundary:
+                raise ClientProtocolError(_PIPELINED)
             return [
                 *out,
                 cmd.SendToClient(be.AuthenticationSASLFinal(final).encode()),
@@ -157,16 +171,24 @@ class ClientStartup:
         return out
 
     def password(self, data: bytes) -> list[cmd.Command]:
-        """The client answers the AuthenticationCleartextPassword we sent on the server's behalf."""
+        """The client answers the AuthenticationCleartextPassword we sent on the server's behalf.
+        What it sends after its password, before the login is done, is held and relayed from
+        that message boundary once relaying starts (PostgreSQL would read it then too)."""
         if self.scram is not None:
             return self._client_scram_data(data)
-        before = self.password_scan.messages
-        frames = self.password_scan.feed(data)
+        if self.answered:
+            return self.ctx.hold(data)
         if not self.login.waiting:
             raise ClientProtocolError("unexpected message before authentication completed")
-        for _t, payload in frames:
-            return self.login.provide_password(payload.rstrip(b"\x00").decode("utf-8", "replace"))
-        if self.password_scan.messages != before:
+        self.auth_buffer.feed(data)
+        message = self.auth_buffer.next()
+        if message is None:
+            return []  # the password message is split across reads: wait for the rest
+        t, payload = message
+        if t != fe.PasswordMessage.TYPE[0]:
             # 55.2.1: only a password response is valid here.
             raise ClientProtocolError("expected a password response message")
-        return []  # the password message is split across reads: wait for the rest
+        self.answered = True
+        out = self.login.provide_password(payload.rstrip(b"\x00").decode("utf-8", "replace"))
+        rest = self.auth_buffer.rest()
+        return out + self.ctx.hold(rest) if rest else out

@@ -18,11 +18,15 @@ from pgsidecar.wire import backend as be
 from pgsidecar.wire import frontend as fe
 from pgsidecar.wire.frames import PREFIX_BYTES, FrameScanner, Prefix
 from tests.playbook import (
+    FACTS_REPLY,
     LOST_IN_FLIGHT,
+    PARAMS,
+    PASSWORD,
     Playbook,
     drop_record,
     error,
     first_query,
+    hello,
     login,
     messages,
     reconnect,
@@ -429,3 +433,33 @@ def test_a_second_drop_while_the_rest_of_a_cut_message_is_discarded(in_transacti
         assert to_client(out) == be.CommandComplete("ROLLBACK").encode() + z()
     else:
         assert out == [cmd.SendToServer(q)]
+
+
+@pytest.mark.parametrize("cut", [0, 7, 30])
+def test_bytes_pipelined_after_the_password_are_relayed_from_their_first_byte(cut: int) -> None:
+    """Found by the fuzzer: a message sent right after the password, cut across reads, whose
+    rest arrived once relaying had begun was read from its middle, and its content ran. Now
+    what follows the password is held and relayed whole, in order, once relaying starts."""
+    pb = Playbook()
+    pb.client_connected()
+    pb.client(fe.StartupMessage(dict(PARAMS)).encode())
+    pb.server_connected()
+    pb.server(be.AuthenticationCleartextPassword().encode())
+    inner = b"S" + b"x" * 13 + SMUGGLED  # a Close whose body holds a Query
+    carried = b"C" + struct.pack("!I", 4 + len(inner)) + inner
+    first = carried[:cut] if cut else carried
+    out = pb.client(fe.PasswordMessage(PASSWORD.encode()).encode() + first)
+    assert to_server(out) == fe.PasswordMessage(PASSWORD.encode()).encode()
+    if cut:
+        assert pb.client(carried[cut:]) == []
+    out = pb.server(hello())
+    out += pb.server(FACTS_REPLY)
+    assert to_server(out).endswith(carried) and pb.conn.phase is Phase.RELAYING
+    assert pb.conn.relay.client_scan.at_boundary  # read as one Close, not as the Query inside it
+
+
+def test_bytes_pipelined_after_the_startup_message_are_refused() -> None:
+    pb = Playbook()
+    pb.client_connected()
+    out = pb.client(fe.StartupMessage({"user": "app"}).encode() + SMUGGLED[:9])
+    assert b"08P01" in to_client(out) and pb.conn.phase is Phase.CLOSED

@@ -49,6 +49,7 @@ class SidecarConnection:
         self.startup = ClientStartup(ctx, self.login)
         self.relay.reconnect = self.reconnect
         self.reconnect.login = self.login
+        self.login.startup = self.startup
         self._routes = self._route_table()
 
     def _route_table(self) -> dict[Phase, dict[type, Handler]]:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from pgsidecar.relay.context import SessionContext
     from pgsidecar.relay.reconnect import Reconnect
     from pgsidecar.relay.relaying import Relaying
+    from pgsidecar.relay.startup import ClientStartup
 
 
 @dataclass(slots=True)
@@ -179,6 +180,7 @@ class Login:
         self.ctx = ctx
         self.relay = relay
         self.reconnect = reconnect
+        self.startup: ClientStartup  # wired by the facade
         self.exchange: UpstreamLogin | None = None
         self.waiting = False  # the server asked for a password the client has not given yet
         self.tried_tls = False
@@ -220,6 +222,7 @@ class Login:
             out.append(cmd.SendToClient(be.AuthenticationCleartextPassword().encode()))
             # listen.startup_timeout covers the client's part of authentication too.
             out.append(cmd.SetTimer(cmd.TimerName.STARTUP, ctx.policy.startup_timeout_s))
+            out += self.startup.buffered_password()
         elif step.error is not None:
             out += self._refused(step.error, step.error_bytes)
         elif step.done is not None:

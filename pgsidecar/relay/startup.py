@@ -78,10 +78,13 @@ class ClientStartup:
                 out += [cmd.ForwardCancel(msg.pid, msg.secret), cmd.CloseClient()]
             else:
                 out += self._startup_message(msg)
-                if self._authenticating() and self.reader.rest():
-                    # Bytes pipelined before authentication completed would be read from the
-                    # middle of the stream once relaying starts: refused, never relayed.
-                    raise ClientProtocolError(_PIPELINED)
+                rest = self.reader.rest() if self._authenticating() else b""
+                if rest:
+                    if self.scram is not None:
+                        raise ClientProtocolError(_PIPELINED)  # SCRAM cannot be answered in advance
+                    # A password (and more) sent before it was asked for, as PostgreSQL allows:
+                    # kept until the server asks (Login calls buffered_password).
+                    self.auth_buffer.feed(rest)
         return out
 
     def _authenticating(self) -> bool:
@@ -170,6 +173,10 @@ class ClientStartup:
             ]
         return out
 
+    def buffered_password(self) -> list[cmd.Command]:
+        """The server asked for the password: answer it with one the client already sent."""
+        return self._take_password() if self.auth_buffer.pending() else []
+
     def password(self, data: bytes) -> list[cmd.Command]:
         """The client answers the AuthenticationCleartextPassword we sent on the server's behalf.
         What it sends after its password, before the login is done, is held and relayed from
@@ -178,9 +185,12 @@ class ClientStartup:
             return self._client_scram_data(data)
         if self.answered:
             return self.ctx.hold(data)
-        if not self.login.waiting:
-            raise ClientProtocolError("unexpected message before authentication completed")
         self.auth_buffer.feed(data)
+        if not self.login.waiting:
+            return []  # sent before the server asked: kept for buffered_password
+        return self._take_password()
+
+    def _take_password(self) -> list[cmd.Command]:
         message = self.auth_buffer.next()
         if message is None:
             return []  # the password message is split across reads: wait for the rest

@@ -337,6 +337,10 @@ class MessageBuffer:
         del self._buf[: ln + 1]
         return t, payload
 
+    def pending(self) -> bool:
+        """Some bytes are buffered (not necessarily a whole message)."""
+        return bool(self._buf)
+
     def rest(self) -> bytes:
         """Bytes after the messages taken so far; the buffer is left empty."""
         out = bytes(self._buf)

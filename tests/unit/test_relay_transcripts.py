@@ -268,14 +268,16 @@ def test_login_error_on_first_connect_reaches_the_client_unchanged() -> None:
     assert pb.conn.phase is Phase.CLOSED
 
 
-def test_password_before_the_server_asks_is_a_client_protocol_error() -> None:
+def test_password_before_the_server_asks_is_kept_until_it_does() -> None:
+    """As PostgreSQL reads a cleartext password the client sent before being asked."""
     pb = Playbook()
     pb.client_connected()
     pb.client(fe.StartupMessage(dict(PARAMS)).encode())
-    out = pb.client(fe.PasswordMessage(b"early").encode())
-    err = be.ErrorResponse.decode(messages(to_client(out))[0][1])
-    assert (err.severity, err.code) == ("FATAL", "08P01")
-    assert cmd.CloseClient() in out
+    assert pb.client(fe.PasswordMessage(b"early").encode()) == []
+    pb.server_connected()
+    out = pb.server(be.AuthenticationCleartextPassword().encode())
+    assert to_server(out) == fe.PasswordMessage(b"early").encode()
+    assert cmd.CloseClient() not in out
 
 
 # ---------------------------------------------------------------- relaying

@@ -458,8 +458,18 @@ def test_bytes_pipelined_after_the_password_are_relayed_from_their_first_byte(cu
     assert pb.conn.relay.client_scan.at_boundary  # read as one Close, not as the Query inside it
 
 
-def test_bytes_pipelined_after_the_startup_message_are_refused() -> None:
+def test_a_password_sent_before_it_was_asked_for_is_used_when_the_server_asks() -> None:
+    """PostgreSQL accepts a cleartext password pipelined after the StartupMessage; so does pgsidecar."""
     pb = Playbook()
     pb.client_connected()
-    out = pb.client(fe.StartupMessage({"user": "app"}).encode() + SMUGGLED[:9])
-    assert b"08P01" in to_client(out) and pb.conn.phase is Phase.CLOSED
+    password = fe.PasswordMessage(PASSWORD.encode()).encode()
+    q = fe.Query("SELECT 1").encode()
+    assert pb.client(fe.StartupMessage(dict(PARAMS)).encode() + password + q) == [
+        cmd.CancelTimer("startup"),
+        cmd.OpenServer(),
+    ]
+    pb.server_connected()
+    out = pb.server(be.AuthenticationCleartextPassword().encode())
+    assert to_server(out) == password
+    out = pb.server(hello()) + pb.server(FACTS_REPLY)
+    assert to_server(out).endswith(q)

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from pgsidecar.wire import backend as be
 from pgsidecar.wire.frames import MessageBuffer
 
 
@@ -24,8 +25,6 @@ class LogLevel(enum.StrEnum):
 
 def error_codes(data: bytes) -> tuple[str, ...]:
     """The SQLSTATEs of the ErrorResponses in bytes pgsidecar wrote itself (whole messages)."""
-    from pgsidecar.wire import backend as be
-
     messages = MessageBuffer(len(data), client=False)
     messages.feed(data)
     codes = []

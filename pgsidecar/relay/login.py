@@ -227,8 +227,8 @@ class Login:
             out += self._refused(step.error, step.error_bytes)
         elif step.done is not None:
             self.exchange = None
+            ctx.backend_key = (step.done.backend_pid, step.done.backend_secret)  # the backend serving us now
             if ctx.phase is Phase.AUTHENTICATING:
-                ctx.backend_key = (step.done.backend_pid, step.done.backend_secret)
                 out += self.relay.start(step.done)
             else:
                 out += self.reconnect.start_replay(step.done)

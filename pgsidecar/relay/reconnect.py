@@ -215,7 +215,6 @@ class Reconnect:
     # ------------------------------------------------------------------ replay
     def start_replay(self, result: LoginResult) -> list[cmd.Command]:
         ctx = self.ctx
-        ctx.backend_key = (result.backend_pid, result.backend_secret)
         ctx.goto(Phase.REPLAYING)
         self.relay.new_upstream()
         plan = plan_replay(ctx.book.state, ctx.book.parses)
@@ -265,7 +264,7 @@ class Reconnect:
         ]
 
     def _held_sync_points(self) -> int:
-        scan = FrameScanner(b"QSF", self.ctx.policy.max_message_bytes, client=True)
+        scan = FrameScanner(fe.SYNC_POINTS, self.ctx.policy.max_message_bytes, client=True)
         try:
             return sum(1 for chunk in self.ctx.held for _ in scan.feed(chunk))
         except ProtocolError:

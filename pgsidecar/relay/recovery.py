@@ -53,6 +53,10 @@ class ServerReason:
     severity: str
     raw: bytes = b""  # the server's own ErrorResponse, as received (a FATAL only)
 
+    def fatal(self) -> bytes:
+        """The server's own FATAL as it sent it, or one in its words (it only warned, PG 14+)."""
+        return self.raw or error_bytes("FATAL", self.code, self.message)
+
 
 @dataclass(frozen=True, slots=True)
 class ClientStream:
@@ -129,8 +133,7 @@ def decide_drop(snap: DropSnapshot) -> DropDecision:
     if reason is not None and blames_client(reason):
         # The server ended the session over the client's bytes: not a drop to hide.
         decision.client_protocol_violation = True
-        decision.fatal = reason.raw or error_bytes("FATAL", reason.code, reason.message)
-        decision.fatal_code = reason.code
+        decision.fatal, decision.fatal_code = reason.fatal(), reason.code
         decision.impact = f"fatal {reason.code} from the server (client protocol violation) passed on"
         return decision
     if snap.lost:
@@ -158,11 +161,7 @@ def decide_drop(snap: DropSnapshot) -> DropDecision:
             f"error {sqlstate.CONNECTION_FAILURE} sent to client (a request the drop cut was not executed)",
         )
     if snap.on_transaction_loss == "close":
-        decision.fatal = _close_fatal(decision.state, reason)
-        if reason is not None:
-            decision.fatal_code = reason.code
-        elif decision.state == "request_in_flight":
-            decision.fatal_code = sqlstate.TRANSACTION_RESOLUTION_UNKNOWN
+        decision.fatal, decision.fatal_code = _close_fatal(decision.state, reason)
         return decision
     if decision.state == "request_in_flight":
         if snap.proven_unexecuted and snap.inflight is not None:
@@ -184,14 +183,7 @@ def decide_drop(snap: DropSnapshot) -> DropDecision:
         decision.responder = LocalAbortResponder(owe_error=True, first_error=lost_error)
     code = reason.code if reason is not None else sqlstate.CONNECTION_FAILURE
     decision.impact = f"error {code} sent to client (transaction rolled back)"
-    if snap.stream.client_mid:
-        if snap.stream.partial_kept is not None:
-            decision.rewind = snap.stream.partial_kept  # the responder reads it from its start
-        else:
-            assert snap.stream.partial_type is not None and snap.stream.partial_remaining is not None
-            decision.to_client += decision.responder.begin_partial(
-                snap.stream.partial_type, snap.stream.partial_remaining
-            )
+    _take_cut_message(decision, snap, decision.responder)
     return decision
 
 
@@ -211,27 +203,36 @@ def _abort_partial(decision: DropDecision, snap: DropSnapshot, error: bytes, imp
     responder = GroupAbort(error, group_open=snap.stream.group_sent)
     if snap.stream.group_sent:
         decision.to_client += responder.error_now()  # a client waiting after Flush hears it at once
-    if snap.stream.client_mid:
-        if snap.stream.partial_kept is not None:
-            decision.rewind = snap.stream.partial_kept
-        else:
-            assert snap.stream.partial_type is not None and snap.stream.partial_remaining is not None
-            decision.to_client += responder.begin_partial(snap.stream.partial_type, snap.stream.partial_remaining)
+    _take_cut_message(decision, snap, responder)
     if not responder.done:
         decision.responder = responder
     decision.impact = impact
     return decision
 
 
-def _close_fatal(state: str, reason: ServerReason | None) -> bytes:
-    """on_transaction_loss: close: the server's own FATAL when it said why, as PgBouncer passes it."""
+def _take_cut_message(decision: DropDecision, snap: DropSnapshot, responder: LocalAbortResponder | GroupAbort) -> None:
+    """The responder takes over the client message the drop cut: from its first byte when its
+    start was kept (rewound), else answered by its type with the rest of it discarded."""
+    stream = snap.stream
+    if not stream.client_mid:
+        return
+    if stream.partial_kept is not None:
+        decision.rewind = stream.partial_kept
+        return
+    assert stream.partial_type is not None and stream.partial_remaining is not None
+    decision.to_client += responder.begin_partial(stream.partial_type, stream.partial_remaining)
+
+
+def _close_fatal(state: str, reason: ServerReason | None) -> tuple[bytes, str]:
+    """on_transaction_loss: close: the server's own FATAL when it said why, as PgBouncer passes
+    it; else ours. Returns the FATAL and its SQLSTATE."""
     if reason is not None:
-        if reason.raw:
-            return reason.raw
-        return error_bytes("FATAL", reason.code, reason.message)
+        return reason.fatal(), reason.code
     if state == "request_in_flight":
-        return error_bytes("FATAL", sqlstate.TRANSACTION_RESOLUTION_UNKNOWN, LOST_IN_FLIGHT)
-    return error_bytes("FATAL", sqlstate.CONNECTION_FAILURE, LOST_IN_TRANSACTION)
+        code, message = sqlstate.TRANSACTION_RESOLUTION_UNKNOWN, LOST_IN_FLIGHT
+    else:
+        code, message = sqlstate.CONNECTION_FAILURE, LOST_IN_TRANSACTION
+    return error_bytes("FATAL", code, message), code
 
 
 def _lost_transaction_error(reason: ServerReason | None) -> bytes:

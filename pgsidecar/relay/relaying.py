@@ -45,7 +45,6 @@ _SERVER_WANTED = bytes((_Z, _E, _CC, _PS, _N))
 # postgres.c SocketBackend: every message type a frontend may send after startup; anything else
 # (a password message 'p' included) makes the server end the session, so pgsidecar refuses it.
 _FRONTEND_TYPES = bytes(k for k in fe.Kind if k is not fe.Kind.PASSWORD)
-_SYNC_POINTS = bytes((_Q, _SYNC, _FCALL))  # each earns one ReadyForQuery and ends a request group
 # Server messages held back while incomplete, so the client never holds part of one we may
 # withhold (the server's last words) or that a drop may cut; larger ones stream.
 _HOLD_TYPES = frozenset((_E, _N))
@@ -71,7 +70,7 @@ class Relaying:
             client=True,
             allowed=_FRONTEND_TYPES,
             limits=frontend_limits(limit),
-            marks=_SYNC_POINTS,
+            marks=fe.SYNC_POINTS,
             whole_named_parse=True,
         )
 

@@ -78,6 +78,10 @@ class Kind(enum.IntEnum):
     TERMINATE = ord("X")
 
 
+#: The messages that each earn one ReadyForQuery and end a request group (55.2.2, 55.2.3).
+SYNC_POINTS = bytes((Kind.QUERY, Kind.SYNC, Kind.FUNCTION_CALL))
+
+
 def parse_statement_name(payload: bytes | bytearray) -> int:
     """Where the statement name of a Parse body ends (its NUL); the query text starts one after.
     Only the name is looked at, so a long statement is not copied. -1: no NUL in what was read."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 
 from pgsidecar.auth.md5 import md5_password
+from pgsidecar.drops.record import DropFacts
 from pgsidecar.relay import commands as cmd
 from pgsidecar.relay import events as ev
 from pgsidecar.relay.connection import SessionPolicy, SidecarConnection
@@ -190,7 +191,7 @@ def reconnect(pb: Playbook, *, params: dict | None = None) -> list[object]:
     return pb.server(FACTS_REPLY)
 
 
-def drop_record(commands: list[object]) -> dict:
+def drop_record(commands: list[object]) -> DropFacts:
     records = [c.drop for c in commands if isinstance(c, cmd.RecordDrop)]
     assert len(records) == 1, commands
     return records[0]

@@ -107,6 +107,7 @@ class ReconnectOutcome:
     timeline_changed: bool | None = None
     system_identifier_changed: bool | None = None
     abandoned: bool | None = None
+    replayed: str = ""  # what was replayed on the new connection (session/replay.py's summary)
 
     @property
     def failed(self) -> bool:

@@ -76,6 +76,26 @@ class ServerSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class DropFacts:
+    """What the brain saw of one drop (relay/dropbook.py builds it, RecordDrop carries it): a
+    record short of the two keepalive settings and the verdict, which observe/recorder.py adds."""
+
+    time: float
+    state: str  # one of classify.STATES
+    impact: str
+    connected_at: float
+    age_s: float
+    idle_s: float
+    client_idle_s: float | None
+    observed: Observed
+    reconnect: ReconnectOutcome | None
+    client: ClientInfo
+    upstream: UpstreamInfo
+    server_before: ServerSnapshot | None = None
+    server_after: ServerSnapshot | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class DropRecord:
     """Everything known about one upstream connection that ended without the client asking."""
 
@@ -314,6 +334,7 @@ def reconnect_from_dict(data: Any) -> ReconnectOutcome:
         duration_s=_float(data["duration_s"], "reconnect.duration_s"),
         succeeded=_bool(data["succeeded"], "reconnect.succeeded"),
         errors=tuple(_str_list(data.get("errors", []), "reconnect.errors")),
+        replayed=_opt_str(data.get("replayed"), "reconnect.replayed") or "",
         **flags,
     )
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
 
+from pgsidecar.drops.record import DropFacts as DropFacts  # re-exported: runtime/ cannot see drops/
 from pgsidecar.wire import backend as be
 from pgsidecar.wire.frames import MessageBuffer
 
@@ -110,7 +110,7 @@ class CancelTimer:
 class RecordDrop:
     """One upstream connection ended without the client asking: its facts, to classify and write."""
 
-    drop: dict[str, Any]
+    drop: DropFacts
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,11 +7,11 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any
 
 from pgsidecar.config.model import Config, SslMode
 from pgsidecar.observe.metrics import Tallies
 from pgsidecar.relay import events as ev
+from pgsidecar.relay.commands import DropFacts
 from pgsidecar.relay.connection import SessionPolicy
 from pgsidecar.runtime.driver import ClientDriver
 from pgsidecar.runtime.gate import ConnectGate
@@ -52,9 +52,7 @@ def policy_from_config(config: Config) -> SessionPolicy:
 class Sidecar:
     """Everything the client drivers share; built once by the app from the config."""
 
-    def __init__(
-        self, config: Config, *, on_drop: Callable[[ClientDriver, dict[str, Any]], object] | None = None
-    ) -> None:
+    def __init__(self, config: Config, *, on_drop: Callable[[ClientDriver, DropFacts], object] | None = None) -> None:
         self.config = config
         self.policy = policy_from_config(config)
         self.target = config.upstream.target
@@ -166,7 +164,7 @@ class Sidecar:
         if self.on_upstream is not None:
             self.on_upstream(False, str(error))
 
-    def record_drop(self, driver: ClientDriver, info: dict[str, Any]) -> None:
+    def record_drop(self, driver: ClientDriver, info: DropFacts) -> None:
         if self.on_drop is not None:
             self.on_drop(driver, info)
 

@@ -14,6 +14,7 @@ from pgsidecar.drops.classify import Evidence, Observed, ReconnectOutcome, class
 from pgsidecar.drops.record import (
     REQUIRED_KEYS,
     ClientInfo,
+    DropFacts,
     DropRecord,
     DropRecordError,
     ServerSnapshot,
@@ -23,6 +24,7 @@ from pgsidecar.drops.record import (
     parse_time,
 )
 from pgsidecar.observe.recorder import build_record
+from pgsidecar.relay.dropbook import snapshot
 from pgsidecar.session.state import ServerFacts
 
 T0 = 1_764_116_047.125  # 2025-11-26T00:14:07.125Z
@@ -286,80 +288,66 @@ KEEPALIVE = SimpleNamespace(
 )
 
 
-def brain_info(impact: str, reconnect: dict, **extra: object) -> dict:
-    """The dict relay/dropbook.py DropTracker.finish hands to the recorder."""
-    return {
-        "time": T0,
-        "state": "idle",
-        "connected_at": T0 - 60,
-        "age_s": 60.0,
-        "idle_s": 5.0,
-        "client_idle_s": 5.0,
-        "impact": impact,
-        "reconnect": reconnect,
-        "upstream": {"host": "db", "address": "10.1.2.3", "port": 5432, "backend_pid": 7},
-        "client": {"addr": "127.0.0.1:5000"},
-        "observed": {
-            "kind": "fatal",
-            "sqlstate": "57P01",
-            "severity": "FATAL",
-            "message": "terminating connection due to administrator command",
-        },
-        **extra,
-    }
-
-
-def test_recorder_reads_an_abandoned_reconnect_from_the_impact() -> None:
-    """relay/connection.py closes the book with this impact when the client leaves mid-reconnect;
-    the old rules read its succeeded=False as a restart (47 of 111 records in one run)."""
-    info = brain_info(
-        "client left during reconnect",
-        {
-            "attempts": 3,
-            "duration_s": 1.2,
-            "succeeded": False,
-            "errors": ['53300 too many connections for role "app"'] * 2,
-        },
+def brain_facts(impact: str, reconnect: ReconnectOutcome, **extra: object) -> DropFacts:
+    """What relay/dropbook.py DropTracker.finish hands to the recorder."""
+    facts = DropFacts(
+        time=T0,
+        state="idle",
+        impact=impact,
+        connected_at=T0 - 60,
+        age_s=60.0,
+        idle_s=5.0,
+        client_idle_s=5.0,
+        observed=Observed(
+            kind="fatal",
+            sqlstate="57P01",
+            severity="FATAL",
+            message="terminating connection due to administrator command",
+        ),
+        reconnect=reconnect,
+        client=ClientInfo(addr="127.0.0.1:5000"),
+        upstream=UpstreamInfo(host="db", address="10.1.2.3", port=5432, backend_pid=7),
     )
+    return replace(facts, **extra)  # type: ignore[arg-type]
+
+
+def test_recorder_keeps_an_abandoned_reconnect_apart_from_a_failed_one() -> None:
+    """The brain marks a book closed because the client left mid-reconnect as abandoned; the old
+    rules read its succeeded=False as a restart (47 of 111 records in one run)."""
+    refused = ('53300 too many connections for role "app"',) * 2
+    info = brain_facts("client left during reconnect", ReconnectOutcome(3, 1.2, False, refused, abandoned=True))
     rec = build_record(info, sidecar="s", config=KEEPALIVE)  # type: ignore[arg-type]
     assert rec.reconnect is not None and rec.reconnect.abandoned is True
     assert rec.cause is DropCause.ADMIN_TERMINATE and "reconnect_abandoned" in rec.evidence
     failed = build_record(
-        brain_info("fatal 08006 client closed", {"attempts": 9, "duration_s": 30.0, "succeeded": False}),
+        brain_facts("fatal 08006 client closed", ReconnectOutcome(9, 30.0, False)),
         sidecar="s",
-        config=KEEPALIVE,
-    )  # type: ignore[arg-type]
+        config=KEEPALIVE,  # type: ignore[arg-type]
+    )
     assert failed.reconnect is not None and failed.reconnect.abandoned is None
     assert failed.cause is DropCause.SERVER_RESTART  # a reconnect that ran out still is a sign
-    flagged = build_record(
-        brain_info("anything", {"attempts": 1, "duration_s": 0.1, "succeeded": False, "abandoned": True}),
-        sidecar="s",
-        config=KEEPALIVE,
-    )  # type: ignore[arg-type]
-    assert flagged.reconnect is not None and flagged.reconnect.abandoned is True
 
 
 def test_recorder_keeps_the_server_facts_of_both_connections() -> None:
     before = ServerFacts(T0 - 86400.5, False, False, "10.1.2.3", 5432, "77", 1)
     after = ServerFacts(T0 - 600.25, True, True, "10.1.2.3", 5432, "77", 1)
-    info = brain_info(
-        "transparent",
-        {
-            "attempts": 2,
-            "duration_s": 0.5,
-            "succeeded": True,
-            "errors": ["ECONNREFUSED"],
-            "postmaster_start_changed": True,
-            "in_recovery_now": True,
-            "read_only_now": True,
-            "system_identifier_changed": False,
-            "timeline_changed": False,
-        },
-        server_facts_before=before,
-        server_facts_after=after,
+    outcome = ReconnectOutcome(
+        attempts=2,
+        duration_s=0.5,
+        succeeded=True,
+        errors=("ECONNREFUSED",),
+        postmaster_start_changed=True,
+        in_recovery_now=True,
+        read_only_now=True,
+        system_identifier_changed=False,
+        timeline_changed=False,
+        replayed="1 setting(s)",
     )
+    info = brain_facts("transparent", outcome, server_before=snapshot(before), server_after=snapshot(after))
     rec = build_record(info, sidecar="s", config=KEEPALIVE)  # type: ignore[arg-type]
     assert rec.server_before == ServerSnapshot(T0 - 86400.5, False, False, "77", 1, "10.1.2.3", 5432)
     assert rec.server_after is not None and rec.server_after.in_recovery is True
     assert rec.cause is DropCause.SWITCHOVER and rec.reconnect is not None
     assert rec.reconnect.in_recovery_now is True and rec.reconnect.abandoned is None
+    # what was replayed is kept in the written line and read back
+    assert DropRecord.from_json(rec.to_json()).reconnect == rec.reconnect

@@ -390,9 +390,9 @@ def test_idle_drop_is_hidden() -> None:
     out = reconnect(pb)
     assert out == [out[0], cmd.CancelTimer("deadline")]
     record = drop_record(out)
-    assert record["state"] == "idle" and record["impact"] == "transparent"
-    assert record["reconnect"]["succeeded"] is True
-    assert record["upstream"]["backend_pid"] == BACKEND_PID
+    assert record.state == "idle" and record.impact == "transparent"
+    assert record.reconnect.succeeded is True
+    assert record.upstream.backend_pid == BACKEND_PID
     # The session goes on with the new backend; the client's key still names the first pid.
     q = fe.Query("SELECT 5").encode()
     assert pb.client(q) == [cmd.SendToServer(q)]
@@ -431,7 +431,7 @@ def test_idle_drop_with_the_servers_fatal_is_hidden() -> None:
     assert to_client(out) == b""
     assert out[-3:] == [cmd.CloseServer(), cmd.SetTimer("deadline", 30.0), cmd.OpenServer(reconnect=True)]
     record = drop_record(reconnect(pb))
-    assert record["observed"]["sqlstate"] == "57P01"
+    assert record.observed.sqlstate == "57P01"
 
 
 def test_drop_inside_a_transaction_with_a_request_in_flight() -> None:
@@ -454,7 +454,7 @@ def test_drop_inside_a_transaction_with_a_request_in_flight() -> None:
     rollback = pb.client(fe.Query("ROLLBACK").encode())
     assert rollback == [cmd.SendToClient(be.CommandComplete("ROLLBACK").encode() + z(b"I"))]
     record = drop_record(reconnect(pb))
-    assert record["state"] == "in_transaction" and record["impact"].startswith("error 08006")
+    assert record.state == "in_transaction" and record.impact.startswith("error 08006")
     q = fe.Query("SELECT 1").encode()
     assert pb.client(q) == [cmd.SendToServer(q)]
 
@@ -487,7 +487,7 @@ def test_drop_with_an_autocommit_request_in_flight_is_08007() -> None:
         cmd.OpenServer(reconnect=True),
     ]
     record = drop_record(reconnect(pb))
-    assert record["state"] == "request_in_flight" and "08007" in record["impact"]
+    assert record.state == "request_in_flight" and "08007" in record.impact
 
 
 def test_drop_with_commit_in_flight_is_08007() -> None:
@@ -534,7 +534,21 @@ def test_reconnect_deadline_gives_up_with_fatal_08006() -> None:
     assert (err.severity, err.code) == ("FATAL", "08006")
     assert "connection refused" in err.message
     assert cmd.CloseClient() in out
-    assert drop_record(out)["reconnect"]["succeeded"] is False
+    assert drop_record(out).reconnect.succeeded is False
+    assert pb.conn.phase is Phase.CLOSED
+
+
+def test_a_client_that_leaves_during_the_reconnect_abandons_it() -> None:
+    """Neither a success nor a failure: the record says abandoned, so it is no restart sign."""
+    pb = Playbook()
+    login(pb)
+    first_query(pb)
+    pb.server_closed()
+    pb.handle(ev.ServerConnectFailed(pb.now + 1, "refused", "connection refused", "ECONNREFUSED"))
+    out = pb.handle(ev.ClientClosed(pb.now + 2))
+    record = drop_record(out)
+    assert record.reconnect is not None and record.reconnect.abandoned is True
+    assert record.reconnect.succeeded is False and record.impact == "client left during reconnect"
     assert pb.conn.phase is Phase.CLOSED
 
 
@@ -557,7 +571,7 @@ def test_non_replayable_state_then_drop_is_fatal_naming_it() -> None:
     assert (err.severity, err.code) == ("FATAL", "08006")
     assert "1 temporary table(s)" in err.message
     assert cmd.CloseClient() in out and cmd.OpenServer() not in out
-    assert drop_record(out)["reconnect"]["succeeded"] is False
+    assert drop_record(out).reconnect.succeeded is False
 
 
 def test_replay_of_settings_after_a_drop() -> None:
@@ -586,7 +600,7 @@ def test_replay_of_settings_after_a_drop() -> None:
     )
     assert pb.server(replay_reply) == []
     out = pb.server(FACTS_REPLY)
-    assert "1 setting(s)" in drop_record(out)["reconnect"]["replayed"]
+    assert "1 setting(s)" in drop_record(out).reconnect.replayed
 
 
 def test_client_close_during_relaying_closes_the_server() -> None:

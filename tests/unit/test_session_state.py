@@ -9,12 +9,13 @@ against a real server: ``CREATE TEMP TABLE t AS ...`` and ``SELECT ... INTO TEMP
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import replace
 
 import pytest
 
-from pgsidecar.relay.dropbook import DropTracker
+from pgsidecar.relay.dropbook import DropTracker, snapshot
 from pgsidecar.relay.recovery import LocalAbortResponder
 from pgsidecar.session.replay import ReplayPlan, plan_replay
 from pgsidecar.session.state import (
@@ -276,8 +277,8 @@ def test_facts_sql_reads_read_only_as_the_server_sets_it() -> None:
 def _compared(before: ServerFacts | None, after: ServerFacts | None) -> dict:
     book = DropTracker(active=True)
     book.new_facts(before, after)
-    assert book.info["server_facts_after"] is after
-    return book.reveal
+    assert book.server_after == snapshot(after)
+    return {k: v for k, v in dataclasses.asdict(book.reveal).items() if v is not None}
 
 
 PRIMARY = ServerFacts(1000.0, False, False, "10.0.0.5", 5432, "77", 1)
@@ -334,9 +335,9 @@ def test_new_facts_with_unknowns() -> None:
 def test_crash_recovery_refusal_is_told_from_a_standby_refusal() -> None:
     book = DropTracker(active=True)
     book.reconnect_error("57P03 the database system is not yet accepting connections", "57P03")
-    assert "in_recovery_seen" not in book.reveal
+    assert book.reveal.in_recovery_seen is None
     book.reconnect_error("57P03 the database system is in recovery mode", "57P03")
-    assert book.reveal["in_recovery_seen"] is True
+    assert book.reveal.in_recovery_seen is True
 
 
 # ---------------------------------------------------------------- plan_replay

@@ -76,7 +76,7 @@ def test_cut_query_is_sent_again_whole_never_as_new_messages() -> None:
     assert pb.client(rest) == []  # held until the new upstream is ready
     out = reconnect(pb)
     record = drop_record(out)
-    assert record["state"] == "idle" and record["impact"].startswith("transparent (a request cut")
+    assert record.state == "idle" and record.impact.startswith("transparent (a request cut")
     # The new server gets the message whole, from its first byte: one Query, not two.
     sent = to_server(out)
     assert sent == head + rest
@@ -181,7 +181,7 @@ def test_group_sent_without_sync_is_not_an_idle_drop() -> None:
     assert to_client(out) == z()
     out = reconnect(pb)
     assert to_server(out) == b""
-    assert drop_record(out)["state"] == "request_in_flight"
+    assert drop_record(out).state == "request_in_flight"
 
 
 def test_resend_after_57p05_keeps_the_client_scanner_in_step() -> None:
@@ -227,7 +227,7 @@ def test_drop_inside_a_server_message_the_client_partly_got_closes_without_writi
     assert to_client(out) == b""
     assert cmd.CloseClient() in out and cmd.OpenServer(reconnect=True) not in out
     assert pb.conn.phase is Phase.CLOSED
-    assert "split a server message" in drop_record(out)["impact"]
+    assert "split a server message" in drop_record(out).impact
 
 
 def test_small_error_split_across_reads_is_held_back_and_withheld() -> None:
@@ -308,7 +308,7 @@ def test_servers_protocol_violation_fatal_ends_the_session_with_its_words() -> N
     out = pb.server_closed()
     assert to_client(out) == fatal
     assert cmd.CloseClient() in out and cmd.OpenServer(reconnect=True) not in out
-    assert "protocol violation" in drop_record(out)["impact"]
+    assert "protocol violation" in drop_record(out).impact
 
 
 def test_a_poolers_08p01_is_a_drop_like_any_other() -> None:

@@ -90,15 +90,22 @@ def _ts(epoch: float) -> str:
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
     _warn_unknown_env(lambda line: print(f"warning: {line}", file=sys.stderr))
-    from pgsidecar.runtime.probe import CheckFailed, check_upstream
-    from pgsidecar.runtime.upstream import UpstreamError
+    from pgsidecar.runtime.probe import check_hosts
 
     target = config.upstream.target
-    try:
-        result = asyncio.run(check_upstream(config))
-    except (TimeoutError, CheckFailed, UpstreamError, OSError) as exc:
-        print(f"pgsidecar check: {target.redacted()}: {exc or type(exc).__name__}", file=sys.stderr)
+    reports = asyncio.run(check_hosts(config))
+    if len(reports) > 1 or target.target_session_attrs.value != "any":
+        print(f"hosts (target_session_attrs={target.target_session_attrs.value}):")
+        for r in reports:
+            state = f"reachable, {r.role}" if r.result is not None else f"unreachable: {r.error}"
+            mark = "  <- chosen" if r.chosen else ("" if r.fits or r.result is None else "  (wrong role)")
+            print(f"  {r.label:<28} {state}{mark}")
+    chosen = next((r for r in reports if r.chosen), None)
+    if chosen is None or chosen.result is None:
+        errors = "; ".join(f"{r.label}: {r.error or 'wrong role: ' + r.role}" for r in reports)
+        print(f"pgsidecar check: {target.redacted()}: no usable host: {errors}", file=sys.stderr)
         return 4
+    result = chosen.result
     f = result.facts
     print(f"upstream:        {target.redacted()}")
     print(f"address:         {f.address} port {f.port}")

@@ -1,7 +1,7 @@
 """The Playbook: one harness for every socket-free transcript of the brain (mitmproxy's habit).
 
 ``Playbook`` drives one SidecarConnection with a clock; each method feeds one event and returns
-the commands, with ``Log`` commands taken out (they are kept in ``pb.logs``) so a transcript
+the commands, with ``Log`` and ``NoteUpstream`` commands taken out (kept in ``pb.logs`` and ``pb.notes``) so a transcript
 pins what the session does, not what it says about it. ``ANY`` stands for a value a test does
 not pin. The helpers build what a real PostgreSQL sends; ``login`` and ``reconnect`` walk a
 session through the exact commands of a login and of a reconnect.
@@ -55,6 +55,7 @@ class Playbook:
         self.conn = SidecarConnection(SessionPolicy(**policy), secret=SECRET, rng=random.Random(7))
         self.now = 1000.0
         self.logs: list[cmd.Log] = []
+        self.notes: list[cmd.NoteUpstream] = []  # the server each login reached, and its role
 
     def _tick(self) -> float:
         self.now += 0.5
@@ -63,7 +64,8 @@ class Playbook:
     def handle(self, event: ev.Event) -> list[object]:
         out = self.conn.handle(event)
         self.logs += [c for c in out if isinstance(c, cmd.Log)]
-        return [c for c in out if not isinstance(c, cmd.Log)]
+        self.notes += [c for c in out if isinstance(c, cmd.NoteUpstream)]
+        return [c for c in out if not isinstance(c, cmd.Log | cmd.NoteUpstream)]
 
     def client_connected(self, *, trusted: bool = True) -> list[object]:
         return self.handle(ev.ClientConnected(self._tick(), 1.7e9, "127.0.0.1:50000", trusted))
@@ -74,10 +76,9 @@ class Playbook:
     def server(self, data: bytes) -> list[object]:
         return self.handle(ev.ServerData(self._tick(), data))
 
-    def server_connected(self) -> list[object]:
-        return self.handle(
-            ev.ServerConnected(self._tick(), 1.7e9, "10.0.0.5", False, None, facts={"address": "10.0.0.5"})
-        )
+    def server_connected(self, address: str = "10.0.0.5", host: str = "db") -> list[object]:
+        facts: ev.ConnectionFacts = {"address": address, "host": host}
+        return self.handle(ev.ServerConnected(self._tick(), 1.7e9, address, False, None, facts=facts))
 
     def server_closed(self, kind: str = "eof") -> list[object]:
         return self.handle(ev.ServerClosed(self._tick(), 1.7e9, kind))

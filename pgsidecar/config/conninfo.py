@@ -8,30 +8,58 @@ when its value is empty, as in libpq. The parsing follows libpq's own `conninfo_
 `conninfo_uri_parse_options` (src/interfaces/libpq/fe-connect.c) so that a string that works with
 psql works here, and error texts match libpq's where libpq has one.
 
-Not supported yet: multiple hosts (`host=a,b` or `postgresql://a,b/db`) raise ConninfoError, and
-`hostaddr` together with `host` raises too (`hostaddr` alone is used as the host). The keepalive
-keywords (`keepalives*`, `tcp_user_timeout`) are accepted and ignored: pgsidecar's own
-`upstream.keepalive` settings govern the upstream socket. `target_session_attrs`, `gssencmode`,
-`sslcompression` and `fallback_application_name` are accepted and ignored too.
+Multiple hosts work as in libpq's connectOptions2: `host`, `hostaddr` and `port` are
+comma-separated lists (`host=a,b port=5432,5433`, `postgresql://a:5432,[::1]:5433/db`, also in the
+`?host=&port=` query), kept in order in `UpstreamTarget.hosts`. With `hostaddr` the host count
+follows it and `host`, when given, must have as many entries; each non-empty `hostaddr` entry must
+be a numeric IPv4/IPv6 address as getaddrinfo(AI_NUMERICHOST) reads it (glibc: `127.1` and
+`0x7f.0.0.1` too; an interface-name `%scope` is not looked up), and an entry without a host name uses the address as its host. One `port`
+applies to every host, otherwise there must be one per host; an empty port entry means 5432. An
+empty `host` entry is libpq's default host: pgsidecar has no compiled-in default, so it uses what
+Debian's libpq uses, the socket directory `/var/run/postgresql` (an entry with a hostaddr uses the
+address instead). A missing host altogether (no host, hostaddr, PGHOST or PGHOSTADDR) is still an
+error rather than that default. `target_session_attrs` (any, read-write, read-only, primary,
+standby, prefer-standby) and `load_balance_hosts` (disable, random) are checked as in libpq,
+including that an empty value is invalid; connecting host by host is the runtime's work.
+
+The keepalive keywords (`keepalives*`, `tcp_user_timeout`) are accepted and ignored: pgsidecar's
+own `upstream.keepalive` settings govern the upstream socket. `gssencmode`, `sslcompression` and
+`fallback_application_name` are accepted and ignored too. Other libpq keywords pgsidecar cannot
+honour (`service`, `passfile`, `channel_binding`, ...) are refused.
 """
 
 from __future__ import annotations
 
+import enum
+import ipaddress
 import string
 from collections.abc import Callable, Mapping
+from typing import TypeVar
 
-from pgsidecar.config.model import SslMode, UpstreamTarget
+from pgsidecar.config.model import (
+    LoadBalanceHosts,
+    SslMode,
+    TargetSessionAttrs,
+    UpstreamHost,
+    UpstreamTarget,
+)
 
 __all__ = [
+    "DEFAULT_SOCKET_DIR",
     "PG_ENVIRONMENT",
     "URI_PREFIXES",
     "ConninfoError",
+    "is_numeric_address",
     "parse_conninfo",
     "parse_keyword_value",
     "parse_uri",
 ]
 
 URI_PREFIXES = ("postgresql://", "postgres://")
+
+# libpq's DEFAULT_PGSOCKET_DIR as Debian and Ubuntu build it: an empty entry in a host list.
+DEFAULT_SOCKET_DIR = "/var/run/postgresql"
+DEFAULT_PORT = 5432
 
 # Keywords pgsidecar uses, with the variable libpq reads when the keyword is absent
 # (PostgreSQL docs 34.15).
@@ -50,6 +78,8 @@ PG_ENVIRONMENT: Mapping[str, str] = {
     "connect_timeout": "PGCONNECT_TIMEOUT",
     "application_name": "PGAPPNAME",
     "options": "PGOPTIONS",
+    "target_session_attrs": "PGTARGETSESSIONATTRS",
+    "load_balance_hosts": "PGLOADBALANCEHOSTS",
 }
 
 # Accepted so that existing DSNs keep working, but without effect (see the module docstring).
@@ -60,7 +90,6 @@ _IGNORED = frozenset(
         "keepalives_interval",
         "keepalives_count",
         "tcp_user_timeout",
-        "target_session_attrs",
         "gssencmode",
         "sslcompression",
         "fallback_application_name",
@@ -87,7 +116,6 @@ _UNSUPPORTED = frozenset(
         "requirepeer",
         "replication",
         "client_encoding",
-        "load_balance_hosts",
     }
 )
 
@@ -98,6 +126,7 @@ _SSLMODES = ", ".join(m.value for m in SslMode)
 
 # Builds the error for a keyword, naming the PG* variable when the value came from there.
 _Fail = Callable[[str, str], "ConninfoError"]
+_E = TypeVar("_E", bound=enum.Enum)
 
 
 class ConninfoError(ValueError):
@@ -119,7 +148,8 @@ def parse_conninfo(dsn: str, env: Mapping[str, str]) -> UpstreamTarget:
     Defaults as in libpq: port 5432, sslmode prefer. Two libpq sslmode rules apply
     (PostgreSQL docs 34.19.1): sslmode=require with an explicitly given sslrootcert behaves like
     verify-ca; sslrootcert=system makes the default sslmode verify-full and refuses weaker modes.
-    A host is required (from the string or PGHOST); a unix socket directory starts with '/'.
+    A host is required (host or hostaddr, from the string or PGHOST / PGHOSTADDR); host, hostaddr
+    and port may be lists (see the module docstring); a unix socket directory starts with '/'.
     """
     values = parse_uri(dsn) if dsn.startswith(URI_PREFIXES) else parse_keyword_value(dsn)
     sources: dict[str, str | None] = dict.fromkeys(values)
@@ -313,18 +343,12 @@ def _build_target(values: dict[str, str], sources: Mapping[str, str | None]) -> 
     def text(keyword: str) -> str | None:
         return values.get(keyword) or None
 
-    host, hostaddr = text("host"), text("hostaddr")
-    for keyword, value in (("host", host), ("hostaddr", hostaddr)):
-        if value is not None and "," in value:
-            raise fail(keyword, f"{keyword}: multiple hosts are not supported yet ({value!r})")
-    if host is not None and hostaddr is not None:
-        raise fail("hostaddr", "hostaddr together with host is not supported yet; give one")
-    host = host or hostaddr
-    if host is None:
-        raise fail("host", "no host: set host in the connection string or PGHOST")
+    hosts = _hosts(text("host"), text("hostaddr"), text("port"), fail)
     return UpstreamTarget(
-        host=host,
-        port=_port(text("port"), fail),
+        host=hosts[0].host,
+        port=hosts[0].port,
+        hostaddr=hosts[0].hostaddr,
+        hosts=hosts,
         dbname=text("dbname"),
         user=text("user"),
         password=text("password"),
@@ -336,18 +360,99 @@ def _build_target(values: dict[str, str], sources: Mapping[str, str | None]) -> 
         connect_timeout_s=_connect_timeout(text("connect_timeout"), fail),
         application_name=text("application_name"),
         options=text("options"),
+        target_session_attrs=_choice(TargetSessionAttrs, "target_session_attrs", values, fail, TargetSessionAttrs.ANY),
+        load_balance_hosts=_choice(LoadBalanceHosts, "load_balance_hosts", values, fail, LoadBalanceHosts.DISABLE),
     )
 
 
-def _port(value: str | None, fail: _Fail) -> int:
-    if value is None:
-        return 5432
-    if "," in value:
-        raise fail("port", f"port: multiple ports are not supported yet ({value!r})")
+def _hosts(host: str | None, hostaddr: str | None, port: str | None, fail: _Fail) -> tuple[UpstreamHost, ...]:
+    """libpq's connectOptions2: zip the host, hostaddr and port lists into one entry per host."""
+    if host is None and hostaddr is None:
+        raise fail("host", "no host: set host in the connection string or PGHOST")
+    names = host.split(",") if host is not None else None
+    addresses = hostaddr.split(",") if hostaddr is not None else None
+    # libpq counts hostaddr entries when hostaddr is given, else host entries.
+    count = len(addresses) if addresses is not None else len(names or ())
+    if names is not None and addresses is not None and len(names) != count:
+        raise fail("host", f"could not match {len(names)} host names to {count} hostaddr values")
+    ports = port.split(",") if port is not None else [""]
+    if len(ports) == 1:
+        ports *= count
+    elif len(ports) != count:
+        raise fail("port", f"could not match {len(ports)} port numbers to {count} hosts")
+    entries = []
+    for i in range(count):
+        name = names[i] if names is not None else ""
+        address = (addresses[i] if addresses is not None else "") or None
+        if address is not None and not is_numeric_address(address):
+            raise fail("hostaddr", f'could not parse network address "{address}": Name or service not known')
+        entries.append(UpstreamHost(name or address or DEFAULT_SOCKET_DIR, _port(ports[i], fail), address))
+    return tuple(entries)
+
+
+def _port(value: str, fail: _Fail) -> int:
+    """One entry of the port list; empty means libpq's default, 5432."""
+    if not value:
+        return DEFAULT_PORT
     digits = value.strip()
     if not (digits.isascii() and digits.isdigit()) or not 1 <= int(digits) <= 65535:
         raise fail("port", f'invalid port number: "{value}"')
     return int(digits)
+
+
+def is_numeric_address(text: str) -> bool:
+    """Whether glibc's getaddrinfo() with AI_NUMERICHOST, as libpq calls it for hostaddr, reads
+    `text` as an address: IPv4 in inet_aton's forms (`10.0.0.5`, `10.5`, `0x0a.0.0.5`, `167772165`),
+    else IPv6 with an optional `%scope` (a number, or for link-local addresses an interface name,
+    which is not looked up here: the config layer does no I/O)."""
+    if _is_inet_aton_exact(text):
+        return True
+    address, percent, scope = text.partition("%")
+    try:
+        parsed = ipaddress.IPv6Address(address)
+    except ValueError:
+        return False
+    if not percent:
+        return True
+    if scope[:1].isdigit() and scope.isascii():
+        return scope.isdigit() and int(scope) <= 0xFFFFFFFF
+    packed = parsed.packed
+    link_local = parsed.is_link_local or (packed[0] == 0xFF and packed[1] & 0x0F in (1, 2))
+    return link_local and bool(scope)
+
+
+def _is_inet_aton_exact(text: str) -> bool:
+    """glibc's __inet_aton_exact: 1 to 4 dot-separated numbers in C notation (0x hex, leading-0
+    octal, decimal), the last filling the remaining bytes, and nothing after them."""
+    parts = text.split(".")
+    if len(parts) > 4:
+        return False
+    numbers = []
+    for part in parts:
+        if not (part[:1].isascii() and part[:1].isdigit()):
+            return False
+        lower = part.lower()
+        if lower.startswith("0x"):
+            digits, base = lower[2:], 16
+        elif lower.startswith("0") and len(lower) > 1:
+            digits, base = lower[1:], 8
+        else:
+            digits, base = lower, 10
+        if not digits or any(c not in "0123456789abcdef"[:base] for c in digits):
+            return False
+        numbers.append(int(digits, base))
+    *leading, last = numbers
+    return all(n <= 0xFF for n in leading) and last < 1 << (8 * (4 - len(leading)))
+
+
+def _choice(kind: type[_E], keyword: str, values: Mapping[str, str], fail: _Fail, default: _E) -> _E:
+    """An enumerated keyword; as in libpq, a value given but empty is invalid."""
+    if keyword not in values:
+        return default
+    try:
+        return kind(values[keyword])
+    except ValueError:
+        raise fail(keyword, f'invalid {keyword} value: "{values[keyword]}"') from None
 
 
 def _sslmode(value: str | None, rootcert: str | None, fail: _Fail) -> SslMode:

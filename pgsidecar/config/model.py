@@ -7,7 +7,7 @@ only `conninfo.py` builds an `UpstreamTarget` from a libpq connection string.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 class SslMode(enum.Enum):
@@ -21,11 +21,61 @@ class SslMode(enum.Enum):
     VERIFY_FULL = "verify-full"
 
 
+class TargetSessionAttrs(enum.Enum):
+    """libpq's target_session_attrs values, spelled as libpq spells them (PostgreSQL docs 34.1.2):
+    which kind of server a connection attempt accepts, tried host by host."""
+
+    ANY = "any"
+    READ_WRITE = "read-write"
+    READ_ONLY = "read-only"
+    PRIMARY = "primary"
+    STANDBY = "standby"
+    PREFER_STANDBY = "prefer-standby"
+
+
+class LoadBalanceHosts(enum.Enum):
+    """libpq 16's load_balance_hosts values (PostgreSQL docs 34.1.2): try the hosts in the given
+    order, or in a random order chosen once per connection."""
+
+    DISABLE = "disable"
+    RANDOM = "random"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamHost:
+    """One entry of libpq's host / hostaddr / port lists.
+
+    `host` is a name, an IP literal, or a unix socket directory (starts with '/'): what TLS
+    verifies and SNI sends. `hostaddr` is a numeric address to dial instead of resolving `host`
+    (libpq's hostaddr); with it the connection is TCP even when `host` starts with '/'.
+    """
+
+    host: str
+    port: int
+    hostaddr: str | None = None
+
+    @property
+    def is_unix_socket(self) -> bool:
+        """libpq: a host starting with a slash is a socket directory, unless hostaddr is given
+        (PostgreSQL docs 34.1.2)."""
+        return self.hostaddr is None and self.host.startswith("/")
+
+    def label(self) -> str:
+        """ "host:port", or "host (hostaddr):port" when a different address is dialled; an IPv6
+        literal is bracketed. For logs and `pgsidecar check`."""
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("/") else self.host
+        if self.hostaddr is not None and self.hostaddr != self.host:
+            host = f"{host} ({self.hostaddr})"
+        return f"{host}:{self.port}"
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamTarget:
     """Where and how to reach the real PostgreSQL server, in libpq's terms.
 
-    `host` is a name, an IP address, or a unix socket directory (starts with '/'). `dbname` and
+    `hosts` is libpq's host list in the given order (host, hostaddr and port zipped together);
+    built without it, it is the one host `host`/`port`/`hostaddr`. `host`, `port` and `hostaddr`
+    are always the first entry's; `at(i)` gives a single-host copy for entry i. `dbname` and
     `user` None mean "whatever the client asked for". The password never shows in repr or logs.
     """
 
@@ -42,17 +92,42 @@ class UpstreamTarget:
     connect_timeout_s: float | None = None
     application_name: str | None = None
     options: str | None = None
+    hostaddr: str | None = None
+    hosts: tuple[UpstreamHost, ...] = ()
+    target_session_attrs: TargetSessionAttrs = TargetSessionAttrs.ANY
+    load_balance_hosts: LoadBalanceHosts = LoadBalanceHosts.DISABLE
+
+    def __post_init__(self) -> None:
+        first = UpstreamHost(self.host, self.port, self.hostaddr)
+        if not self.hosts:
+            object.__setattr__(self, "hosts", (first,))
+            return
+        object.__setattr__(self, "hosts", tuple(self.hosts))
+        if self.hosts[0] != first:
+            raise ValueError(f"host, port and hostaddr must be the first of hosts: {first} is not {self.hosts[0]}")
 
     @property
     def is_unix_socket(self) -> bool:
-        """libpq: a host starting with a slash is a socket directory (PostgreSQL docs 34.1.2)."""
-        return self.host.startswith("/")
+        """The first host's: a socket directory (starts with '/') and no hostaddr (34.1.2)."""
+        return self.hosts[0].is_unix_socket
+
+    def at(self, index: int) -> UpstreamTarget:
+        """A single-host copy for `hosts[index]`, everything else the same: what one dial uses."""
+        entry = self.hosts[index]
+        return replace(self, host=entry.host, port=entry.port, hostaddr=entry.hostaddr, hosts=(entry,))
 
     def redacted(self) -> str:
-        """A key=value connection string for logs that parse_conninfo reads back; it never
-        contains the password."""
-        parts = [("host", self.host), ("port", str(self.port))]
-        optional: list[tuple[str, str | None]] = [
+        """A key=value connection string for logs that parse_conninfo reads back to an equal
+        target (all hosts); it never contains the password."""
+        ports = {h.port for h in self.hosts}
+        parts: list[tuple[str, str | None]] = [
+            ("host", ",".join(h.host for h in self.hosts)),
+            ("hostaddr", None),
+            ("port", str(self.port) if len(ports) == 1 else ",".join(str(h.port) for h in self.hosts)),
+        ]
+        if any(h.hostaddr is not None for h in self.hosts):
+            parts[1] = ("hostaddr", ",".join(h.hostaddr or "" for h in self.hosts))
+        parts += [
             ("dbname", self.dbname),
             ("user", self.user),
             ("sslmode", self.sslmode.value),
@@ -63,9 +138,14 @@ class UpstreamTarget:
             ("connect_timeout", _seconds_text(self.connect_timeout_s)),
             ("application_name", self.application_name),
             ("options", self.options),
+            ("target_session_attrs", _unless_default(self.target_session_attrs, TargetSessionAttrs.ANY)),
+            ("load_balance_hosts", _unless_default(self.load_balance_hosts, LoadBalanceHosts.DISABLE)),
         ]
-        parts.extend((k, v) for k, v in optional if v is not None)
-        return " ".join(f"{k}={quote_conninfo_value(v)}" for k, v in parts)
+        return " ".join(f"{k}={quote_conninfo_value(v)}" for k, v in parts if v is not None)
+
+
+def _unless_default(value: enum.Enum, default: enum.Enum) -> str | None:
+    return None if value is default else str(value.value)
 
 
 def quote_conninfo_value(value: str) -> str:

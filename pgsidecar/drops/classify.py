@@ -21,9 +21,11 @@ shutdown) and 57P02 as WARNING followed by EOF, never a FATAL.
  5. the reconnect reached another server: the system identifier changed, or the server's address
     changed, or it is now a standby (in recovery, and was not) or on a new timeline (promoted),
     each unless the postmaster start time is unchanged (then it is the same server). The old
-    server's last words tell the two apart: 57P01 "administrator command" (a fast or smart
-    shutdown), or a first reconnect error 57P03 "shutting down"  -> switchover; it vanished
-    (crash, immediate shutdown, EOF, reset, timeout)             -> failover.
+    server's last words tell the two apart: 57P01 "administrator command" (a fast shutdown;
+    a smart one waits for the session to leave and sends nothing), or a first reconnect error
+    57P03 "shutting down"  -> switchover; it vanished (crash, immediate shutdown, EOF, reset,
+    timeout)             -> failover. Kind role_lost (pgsidecar itself left a writer that
+    answered 25006 or went into recovery, relay/hosts.py)  -> failover.
  6. 57P02, "crash of another server process", or 57P01 "unexpected postmaster exit"
                                                          -> server_crash
  7. certificate changed on reconnect, and the drop itself was server-side (FATAL, EOF, TLS error,
@@ -65,7 +67,7 @@ from dataclasses import dataclass, replace
 from pgsidecar.drops.causes import DropCause, hint_for
 from pgsidecar.wire import sqlstate
 
-KINDS = frozenset({"fatal", "eof", "reset", "timeout", "unreachable", "tls_error", "other"})
+KINDS = frozenset({"fatal", "eof", "reset", "timeout", "unreachable", "tls_error", "other", "role_lost"})
 STATES = frozenset({"idle", "in_transaction", "request_in_flight"})
 PATH_IDLE_MIN_S = 60.0
 _NETWORK_KINDS = frozenset({"reset", "timeout", "unreachable"})
@@ -354,6 +356,9 @@ def _role_change(ev: Evidence, said: tuple[str, ...]) -> Found:
     """Rule 5: another server serves this upstream now; how the old one left tells switchover
     (a clean shutdown) from failover (it vanished)."""
     r = ev.reconnect
+    if ev.observed.kind == "role_lost":
+        # pgsidecar left a writer that is one no more (25006, or in recovery): the writer moved.
+        return DropCause.FAILOVER, (*said, "role_lost", *(n for n in _OTHER_SERVER if r and getattr(r, n) is True))
     if r is None or r.postmaster_start_changed is False:
         return None
     found = [name for name in _OTHER_SERVER if getattr(r, name) is True]

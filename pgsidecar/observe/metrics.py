@@ -128,6 +128,20 @@ class Metrics:
             ["sqlstate"],
             registry=reg,
         )
+        self.upstream_role = Gauge(
+            "pgsidecar_upstream_role",
+            "1 for the host, address and role (primary, standby, read-only, read-write, unknown) of"
+            " the server the last login chose; the previous one is removed.",
+            ["host", "address", "role"],
+            registry=reg,
+        )
+        self.role_mismatches = Counter(
+            "pgsidecar_role_mismatches",
+            "Servers reached whose role did not fit target_session_attrs (each was left for the next).",
+            ["role"],
+            registry=reg,
+        )
+        self._current_role: tuple[str, str, str] | None = None
         build = Gauge("pgsidecar_build_info", "pgsidecar version; always 1.", ["version"], registry=reg)
         build.labels(version).set(1)
         if process:
@@ -136,6 +150,19 @@ class Metrics:
     def watch(self, sidecar: Watched) -> None:
         """Read live gauges and tallies from this Sidecar from now on (also after a reload)."""
         self.live.watched = sidecar
+
+    def upstream_noted(self, host: str, address: str, role: str, fits: bool) -> None:
+        """A login reached a server: the role gauge follows the last chosen one."""
+        if not fits:
+            self.role_mismatches.labels(role).inc()
+            return
+        now = (host, address, role)
+        if now == self._current_role:
+            return
+        if self._current_role is not None:
+            self.upstream_role.remove(*self._current_role)
+        self.upstream_role.labels(*now).set(1)
+        self._current_role = now
 
     def client_error(self, code: str) -> None:
         self.client_errors.labels(code).inc()

@@ -66,11 +66,18 @@ class OpenServer:
     """Open the upstream socket: over TLS or not (None: as sslmode says, for callers without a
     policy), and under sslmode=prefer, whether a failed handshake is retried in plaintext on each
     address (libpq's rule; the brain decides it from the policy). ``reconnect`` marks an
-    established session's reconnect, which the runtime serves before first logins."""
+    established session's reconnect, which the runtime serves before first logins.
+
+    ``host`` indexes the upstream's host list (libpq multi-host); the runtime resolves that host
+    again and tries its addresses in order (shuffled when ``shuffle``), except those in ``avoid``:
+    the brain found the wrong role there in this pass (target_session_attrs)."""
 
     use_tls: bool | None = None
     plaintext_retry: bool = False
     reconnect: bool = False
+    host: int = 0
+    avoid: frozenset[str] = frozenset()
+    shuffle: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,11 +143,25 @@ class RegisterCancelKey:
 
 
 @dataclass(frozen=True, slots=True)
+class NoteUpstream:
+    """The server a login reached, and whether its role fits target_session_attrs: for the
+    upstream role gauge and the role-mismatch counter."""
+
+    host: str
+    address: str
+    role: str  # relay/hosts.py Role.name
+    fits: bool
+
+
+@dataclass(frozen=True, slots=True)
 class SendCancel:
-    """Cancel the request running on the backend that serves the session now (its real key)."""
+    """Cancel the request running on the backend that serves the session now (its real key),
+    at the host and address that serve it."""
 
     pid: int
     secret: bytes
+    host: int = 0
+    address: str | None = None
 
 
 Command = (
@@ -159,4 +180,5 @@ Command = (
     | ForwardCancel
     | RegisterCancelKey
     | SendCancel
+    | NoteUpstream
 )

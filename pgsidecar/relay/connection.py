@@ -22,6 +22,7 @@ from pgsidecar.relay import commands as cmd
 from pgsidecar.relay import events as ev
 from pgsidecar.relay.commands import TimerName
 from pgsidecar.relay.context import SessionContext, SessionPolicy
+from pgsidecar.relay.hosts import HostWalk
 from pgsidecar.relay.login import Login
 from pgsidecar.relay.phases import Phase
 from pgsidecar.relay.reconnect import Reconnect
@@ -42,7 +43,9 @@ class SidecarConnection:
     """One client session. ``handle(event)`` returns the commands to carry out, in order."""
 
     def __init__(self, policy: SessionPolicy, *, secret: bytes, rng: random.Random | None = None) -> None:
-        self.ctx = ctx = SessionContext(policy, secret, rng or random.Random(), password=policy.upstream_password)
+        rng = rng or random.Random()
+        walk = HostWalk(policy.host_count, policy.target_session_attrs, policy.load_balance, rng)
+        self.ctx = ctx = SessionContext(policy, secret, rng, password=policy.upstream_password, walk=walk)
         self.relay = Relaying(ctx)
         self.reconnect = Reconnect(ctx, self.relay)
         self.login = Login(ctx, self.relay, self.reconnect)
@@ -63,7 +66,7 @@ class SidecarConnection:
         }
         upstream: dict[type, Handler] = {
             ev.ServerConnected: login.server_connected,
-            ev.ServerConnectFailed: lambda e: reconnect.connect_failed(e.now, f"{e.kind}: {e.message}"),
+            ev.ServerConnectFailed: reconnect.server_connect_failed,
             ev.ServerClosed: reconnect.server_closed,
         }
         relaying: dict[type, Handler] = {
@@ -148,7 +151,7 @@ class SidecarConnection:
 
     def _cancel(self, event: ev.CancelRequested) -> list[cmd.Command]:
         pid, secret = self.ctx.backend_key
-        return [cmd.SendCancel(pid, secret)] if pid else []
+        return [cmd.SendCancel(pid, secret, self.ctx.walk.host, self.ctx.facts.get("address"))] if pid else []
 
 
 _EVENT_TYPES: tuple[type, ...] = (

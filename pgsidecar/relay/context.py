@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pgsidecar.relay import commands as cmd
 from pgsidecar.relay.dropbook import DropTracker
 from pgsidecar.relay.events import ConnectionFacts
+from pgsidecar.relay.hosts import Attrs, HostWalk, Role
 from pgsidecar.relay.internal import InternalReplies
 from pgsidecar.relay.phases import Phase, check_transition
 from pgsidecar.relay.recovery import GroupAbort, LocalAbortResponder, error_bytes
@@ -46,6 +47,11 @@ class SessionPolicy:
     # sslmode), and sslmode=prefer's plaintext retry after a failed handshake.
     open_tls: bool | None = None
     plaintext_retry: bool = False
+    # libpq multi-host: how many hosts the upstream lists, the role a session needs, and
+    # load_balance_hosts=random (relay/hosts.py).
+    host_count: int = 1
+    target_session_attrs: Attrs = Attrs.ANY
+    load_balance: bool = False
 
 
 @dataclass(slots=True)
@@ -94,6 +100,10 @@ class SessionContext:
     client_terminated: bool = False  # the client sent Terminate: a close that follows is no drop
     # Answers a client whose transaction (or request group) the drop cut off.
     responder: LocalAbortResponder | GroupAbort | None = None
+    # Where connects go (libpq multi-host) and what the serving server is.
+    walk: HostWalk = field(default_factory=HostWalk)
+    role: Role = field(default_factory=Role)
+    role_lost: str | None = None  # a writer the session needs is a writer no more: why
 
     def goto(self, phase: Phase) -> None:
         """The one way the phase changes (relay/phases.py TRANSITIONS)."""
@@ -103,7 +113,14 @@ class SessionContext:
     def open_server(self, *, reconnect: bool) -> cmd.OpenServer:
         """A new upstream connection, TLS as the policy says (sslmode)."""
         policy = self.policy
-        return cmd.OpenServer(use_tls=policy.open_tls, plaintext_retry=policy.plaintext_retry, reconnect=reconnect)
+        return cmd.OpenServer(
+            use_tls=policy.open_tls,
+            plaintext_retry=policy.plaintext_retry,
+            reconnect=reconnect,
+            host=self.walk.host,
+            avoid=frozenset(self.walk.avoid),
+            shuffle=policy.load_balance,
+        )
 
     def hold(self, data: bytes) -> list[cmd.Command]:
         """Keep client bytes until the upstream can take them; past max_buffered, stop reading."""

@@ -131,7 +131,8 @@ class DropTracker:
                 kind="fatal" if conn.last_fatal is not None else event.kind,
                 sqlstate=fatal.code if fatal else None,
                 severity=fatal.severity if fatal else None,
-                message=fatal.message if fatal else None,
+                # pgsidecar's own reason when it left the server itself (the role was lost)
+                message=fatal.message if fatal else (event.detail if event.kind == "role_lost" else None),
                 tls_close_notify=event.tls_close_notify,
                 errno_name=event.errno_name,
                 tls_alert=event.detail if event.kind == "tls_error" else None,

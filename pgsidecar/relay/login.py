@@ -16,6 +16,7 @@ from pgsidecar.auth.scram import ScramClient, channel_binding_for
 from pgsidecar.relay import commands as cmd
 from pgsidecar.relay import events as ev
 from pgsidecar.relay.events import ConnectionFacts
+from pgsidecar.relay.hosts import Role, mismatch, probe_for, probed
 from pgsidecar.relay.phases import Phase
 from pgsidecar.wire import backend as be
 from pgsidecar.wire import frontend as fe
@@ -167,6 +168,35 @@ class UpstreamLogin:
         return fe.SASLInitialResponse(self._scram.mechanism, self._scram.initial_response()).encode()
 
 
+class RoleProbe:
+    """Reads the reply to libpq's role query: the first column of its one row, to ReadyForQuery.
+    An error (the server refused the query) counts as the wrong role, as in libpq."""
+
+    def __init__(self, result: LoginResult, role: Role, query: bytes, max_len: int) -> None:
+        self.result = result
+        self.role = role
+        self.query = query
+        self._messages = MessageBuffer(max_len, client=False)
+        self._value: bytes | None = None
+        self._failed = False
+
+    def feed(self, data: bytes) -> Role | None:
+        """The role with the answer folded in, once the reply is complete; else None."""
+        self._messages.feed(data)
+        while (msg := self._messages.next()) is not None:
+            t, payload = msg
+            if t == be.DataRow.TYPE[0]:
+                row = be.DataRow.decode(payload)
+                self._value = row.values[0] if row.values else None
+            elif t == be.ErrorResponse.TYPE[0]:
+                self._failed = True
+            elif t == be.ReadyForQuery.TYPE[0]:
+                if self._failed:
+                    return Role(True, True)  # fits no attrs that needed asking
+                return probed(self.role, self.query, self._value)
+        return None
+
+
 _GIVE_UP_STATES = frozenset(
     {sqlstate.INVALID_PASSWORD, sqlstate.INVALID_AUTHORIZATION_SPECIFICATION, sqlstate.INVALID_CATALOG_NAME}
 )
@@ -184,10 +214,12 @@ class Login:
         self.exchange: UpstreamLogin | None = None
         self.waiting = False  # the server asked for a password the client has not given yet
         self.tried_tls = False
+        self.probe: RoleProbe | None = None  # libpq's role query, when the login did not say
 
     def reset(self) -> None:
         self.exchange = None
         self.waiting = False
+        self.probe = None
 
     def server_connected(self, event: ev.ServerConnected) -> list[cmd.Command]:
         ctx = self.ctx
@@ -211,6 +243,8 @@ class Login:
 
     def server_data(self, data: bytes) -> list[cmd.Command]:
         ctx = self.ctx
+        if self.probe is not None:
+            return self._probe_data(data)
         if self.exchange is None:
             raise ServerProtocolError(f"unexpected data from the server in phase {ctx.phase.value}")
         step = self.exchange.feed(data)
@@ -228,11 +262,49 @@ class Login:
         elif step.done is not None:
             self.exchange = None
             ctx.backend_key = (step.done.backend_pid, step.done.backend_secret)  # the backend serving us now
-            if ctx.phase is Phase.AUTHENTICATING:
-                out += self.relay.start(step.done)
-            else:
-                out += self.reconnect.start_replay(step.done)
+            out += self._check_role(step.done, Role.from_params(step.done.params))
         return out
+
+    # ------------------------------------------------------------------ target_session_attrs
+    def _check_role(self, result: LoginResult, role: Role) -> list[cmd.Command]:
+        """libpq's CONNECTION_CHECK_TARGET: ask when the login did not say, then use this
+        server or leave it for the next address or host."""
+        ctx = self.ctx
+        walk = ctx.walk
+        query = probe_for(walk.attrs, role, second_pass=walk.second_pass)
+        if query is not None and not result.leftover:
+            self.probe = RoleProbe(result, role, query, ctx.policy.max_message_bytes)
+            return [cmd.SendToServer(query)]
+        why = mismatch(walk.attrs, role, second_pass=walk.second_pass)
+        address = ctx.facts.get("address") or ""
+        if why is not None:
+            walk.wrong_role(address, why)
+            text = f'server at "{ctx.facts.get("host")}" ({address}) has the wrong role: {why}'
+            if ctx.phase is Phase.AUTHENTICATING and not ctx.drops.active:
+                ctx.drops.first_connect_error(text, ctx.now)
+            else:
+                ctx.drops.reconnect_error(text, None)
+            return [
+                cmd.CloseServer(),
+                cmd.NoteUpstream(str(ctx.facts.get("host") or ""), address, role.name, fits=False),
+                cmd.Log(cmd.LogLevel.INFO, f"session {ctx.peer}: {text}; trying the next one"),
+                ctx.open_server(reconnect=ctx.phase is not Phase.AUTHENTICATING),
+            ]
+        ctx.role = role
+        ctx.role_lost = None
+        out: list[cmd.Command] = [cmd.NoteUpstream(str(ctx.facts.get("host") or ""), address, role.name, fits=True)]
+        if ctx.phase is Phase.AUTHENTICATING:
+            return out + self.relay.start(result)
+        return out + self.reconnect.start_replay(result)
+
+    def _probe_data(self, data: bytes) -> list[cmd.Command]:
+        probe = self.probe
+        assert probe is not None
+        answer = probe.feed(data)
+        if answer is None:
+            return []
+        self.probe = None
+        return self._check_role(probe.result, answer)
 
     def _refused(self, error: be.ErrorResponse, raw: bytes) -> list[cmd.Command]:
         ctx = self.ctx

@@ -15,7 +15,7 @@ from pgsidecar.relay import events as ev
 from pgsidecar.relay.commands import LogLevel, TimerName
 from pgsidecar.relay.context import SessionContext
 from pgsidecar.relay.phases import Phase
-from pgsidecar.relay.recovery import DropSnapshot, ServerReason, decide_drop, error_bytes, ready_bytes
+from pgsidecar.relay.recovery import DropSnapshot, GroupAbort, ServerReason, decide_drop, error_bytes, ready_bytes
 from pgsidecar.session.pending import Owner, TxStatus
 from pgsidecar.session.replay import plan_replay
 from pgsidecar.session.state import FACTS_SQL
@@ -38,6 +38,7 @@ class Reconnect:
         self.relay = relay
         self.login: Login  # wired by the facade
         self.backoff_pending = False
+        self.deadline_armed = False  # a waiting request's reconnect.deadline is running
 
     # ------------------------------------------------------------------ the upstream ends
     def server_closed(self, event: ev.ServerClosed) -> list[cmd.Command]:
@@ -108,17 +109,33 @@ class Reconnect:
         ctx.internal.reset()
         self.login.reset()
         ctx.goto(Phase.RECONNECTING)
+        ctx.walk.restart()  # the same host list again, from its first host
         if decision.rewind is not None:
             if ctx.responder is not None:
                 out += self.answer_locally(decision.rewind)
             else:
                 ctx.held.insert(0, decision.rewind)
                 ctx.held_bytes += len(decision.rewind)
-        return [
-            *out,
-            cmd.SetTimer(TimerName.DEADLINE, ctx.policy.reconnect_deadline_s),
-            self.ctx.open_server(reconnect=True),
-        ]
+        # An idle session waits as long as its client stays; a request waits reconnect.deadline.
+        out += self._arm_deadline()
+        return [*out, self.ctx.open_server(reconnect=True)]
+
+    def leave_server(self, why: str) -> list[cmd.Command]:
+        """At an idle point: the server no longer has the role the session needs (a 25006, or it
+        went into recovery). Close it, as a drop the client never sees, and find the right one."""
+        ctx = self.ctx
+        wall = ctx.connected_wall + (ctx.now - ctx.connected_at)  # ServerData carries no wall clock
+        event = ev.ServerClosed(now=ctx.now, wall=wall, kind=SocketEnd.ROLE_LOST, detail=why)
+        ctx.role_lost = None
+        log = cmd.Log(LogLevel.WARNING, f"session {ctx.peer}: {why}; reconnecting to find a writer")
+        return [log, *self.upstream_lost(event)]
+
+    def _arm_deadline(self) -> list[cmd.Command]:
+        """Start reconnect.deadline for the requests waiting now, once (counted from the first)."""
+        if self.deadline_armed or not self.ctx.held:
+            return []
+        self.deadline_armed = True
+        return [cmd.SetTimer(TimerName.DEADLINE, self.ctx.policy.reconnect_deadline_s)]
 
     def _snapshot(self) -> DropSnapshot:
         """What the session rules look at, taken now."""
@@ -159,23 +176,44 @@ class Reconnect:
         return server_messages - ctx.messages_at_request <= 1
 
     # ------------------------------------------------------------------ connecting again
-    def connect_failed(self, now: float, text: str) -> list[cmd.Command]:
+    def server_connect_failed(self, event: ev.ServerConnectFailed) -> list[cmd.Command]:
+        """One host failed (every address it has): the next host now, as libpq does; when the
+        whole list failed, back off and start again."""
+        ctx = self.ctx
+        text = ctx.walk.last_mismatch if event.kind == "skipped" else f"{event.kind}: {event.message}"
+        if event.kind != "skipped":
+            self._note_error(event.now, text)
+        if ctx.walk.next_host():
+            self.login.reset()
+            ctx.drops.attempt()
+            return [cmd.CloseServer(), ctx.open_server(reconnect=ctx.phase is not Phase.AUTHENTICATING)]
+        ctx.walk.restart()
+        return self.connect_failed(event.now, text, noted=event.kind != "skipped")
+
+    def _note_error(self, now: float, text: str) -> None:
+        ctx = self.ctx
+        if ctx.phase is Phase.AUTHENTICATING and not ctx.drops.active:
+            ctx.drops.first_connect_error(text, now)
+        else:
+            ctx.drops.reconnect_error(text, None)
+
+    def connect_failed(self, now: float, text: str, *, noted: bool = False) -> list[cmd.Command]:
         ctx = self.ctx
         self.login.reset()
         if ctx.phase is Phase.REPLAYING:
             ctx.pending.clear()
             ctx.internal.reset()
             ctx.goto(Phase.RECONNECTING)
-        if ctx.phase is Phase.AUTHENTICATING and not ctx.drops.active:
-            ctx.drops.first_connect_error(text, now)
-        else:
-            ctx.drops.reconnect_error(text, None)
+        if not noted:
+            self._note_error(now, text)
         return [cmd.CloseServer(), *self.schedule_retry(now)]
 
     def schedule_retry(self, now: float) -> list[cmd.Command]:
         ctx = self.ctx
         started = ctx.drops.started_at(now)
-        if now - started >= ctx.policy.reconnect_deadline_s:
+        if ctx.phase is Phase.AUTHENTICATING and now - started >= ctx.policy.reconnect_deadline_s:
+            # A first login has no session to keep: its client gets libpq's answer. An
+            # established session never gives up while its client stays (requests time out).
             return self.give_up(
                 f"could not reconnect within {ctx.policy.reconnect_deadline_s:g} s: {ctx.drops.last_error}"
             )
@@ -189,7 +227,8 @@ class Reconnect:
         """Client bytes while the upstream is away: answered locally, or held for it."""
         if self.ctx.responder is not None:
             return self.answer_locally(data)
-        return self.ctx.hold(data) + self._retry_now()
+        out = self.ctx.hold(data)
+        return out + self._arm_deadline() + self._retry_now()
 
     def _retry_now(self) -> list[cmd.Command]:
         """A client request arrived while waiting out a backoff: try at once (one per request),
@@ -206,11 +245,39 @@ class Reconnect:
             self.backoff_pending = False
             ctx.drops.attempt()
             return [ctx.open_server(reconnect=ctx.phase is Phase.RECONNECTING)]
-        if event.name == TimerName.DEADLINE and ctx.phase in (Phase.RECONNECTING, Phase.REPLAYING):
-            return self.give_up(
-                f"could not reconnect within {ctx.policy.reconnect_deadline_s:g} s: {ctx.drops.last_error}"
-            )
-        return []  # a timer that fired after its phase ended
+        if event.name == TimerName.DEADLINE:
+            self.deadline_armed = False
+            if ctx.phase is Phase.RECONNECTING:
+                return self.requests_timed_out()
+        return []  # a timer that fired after its phase ended (or during the replay, nearly done)
+
+    def requests_timed_out(self) -> list[cmd.Command]:
+        """The requests waiting for a server got none within reconnect.deadline: each gets an
+        ERROR 08006 naming the last reconnect error, as the server answers a failed request; the
+        client stays connected, and the reconnect goes on for its next request."""
+        ctx = self.ctx
+        reason = f"pgsidecar: could not reconnect within {ctx.policy.reconnect_deadline_s:g} s: {ctx.drops.last_error}"
+        error = error_bytes("ERROR", sqlstate.CONNECTION_FAILURE, reason)
+        held, ctx.held, ctx.held_bytes = b"".join(ctx.held), [], 0
+        out: list[cmd.Command] = []
+        if ctx.paused:
+            ctx.paused = False
+            out.append(cmd.ResumeClient())
+        answered = 0
+        while held:
+            abort = GroupAbort(error, group_open=False)
+            reply, held, done = abort.feed(held)
+            if reply:
+                answered += 1
+                out.append(cmd.SendToClient.mine(reply))
+            if not done:
+                ctx.responder = abort  # the rest of this group is still to come: discard it
+                break
+        ctx.drops.impact = (
+            f"error {sqlstate.CONNECTION_FAILURE} to waiting requests after {ctx.policy.reconnect_deadline_s:g} s"
+        )
+        out.append(cmd.Log(LogLevel.WARNING, f"session {ctx.peer}: {answered} waiting request(s) answered: {reason}"))
+        return out
 
     # ------------------------------------------------------------------ replay
     def start_replay(self, result: LoginResult) -> list[cmd.Command]:
@@ -273,6 +340,7 @@ class Reconnect:
     def finish_drop(self, *, impact: str, succeeded: bool | None, abandoned: bool = False) -> list[cmd.Command]:
         ctx = self.ctx
         record = ctx.drops.finish(ctx, impact=impact, succeeded=succeeded, now=ctx.now or None, abandoned=abandoned)
+        self.deadline_armed = False
         return [cmd.RecordDrop(record), cmd.CancelTimer(TimerName.DEADLINE)] if record is not None else []
 
     def client_closed(self, event: ev.ClientClosed) -> list[cmd.Command]:

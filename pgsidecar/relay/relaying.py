@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from pgsidecar.relay import commands as cmd
 from pgsidecar.relay.context import SessionContext
+from pgsidecar.relay.hosts import NEEDS_WRITER
 from pgsidecar.relay.internal import InternalOutcome
 from pgsidecar.relay.phases import Phase
 from pgsidecar.relay.recovery import ClientStream, error_bytes, ready_bytes
@@ -311,6 +312,8 @@ class Relaying:
             elif t == _PS and not isinstance(payload, Prefix):
                 msg = be.ParameterStatus.decode(payload)
                 ctx.client_params[msg.name] = msg.value
+                if msg.name == "in_hot_standby" and msg.value == "on" and ctx.walk.attrs in NEEDS_WRITER:
+                    ctx.role_lost = "the server reports in_hot_standby=on: it is a standby now"
         if not scan.at_boundary:
             self._hold_server_tail_of(data)
             data = data[: len(data) - len(self.server_tail)]
@@ -318,6 +321,8 @@ class Relaying:
         if idle_point and ctx.pending.status is TxStatus.IDLE and scan.at_boundary and self.at_request_boundary():
             if ctx.phase is Phase.DRAINING:
                 return out + self.drain_close()
+            if ctx.role_lost is not None and not ctx.client_terminated:
+                return out + self.reconnect.leave_server(ctx.role_lost)
             out += self._at_idle_point()
         return out
 
@@ -344,6 +349,15 @@ class Relaying:
             if err.severity in ("FATAL", "PANIC"):
                 ctx.last_fatal = err
                 return True
+            if (
+                err.code == sqlstate.READ_ONLY_SQL_TRANSACTION
+                and ctx.walk.attrs in NEEDS_WRITER
+                # the session's own default_transaction_read_only (reported, so known) is no sign
+                and ctx.client_params.get("default_transaction_read_only") != "on"
+            ):
+                # The writer is a writer no more (a failover, the old primary back as a reader):
+                # this statement failed as it is; at the next idle point, find the writer.
+                ctx.role_lost = f"{err.code} {err.message} from a server that was a writer"
             return False
         notice = be.NoticeResponse.decode(payload)
         if notice.code and notice.code.startswith("57P"):

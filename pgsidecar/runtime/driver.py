@@ -220,7 +220,7 @@ class ClientDriver(asyncio.Protocol):
 
     def _other(self, command: object) -> None:
         if isinstance(command, cmd.OpenServer):
-            self._open_server(command.use_tls, command.reconnect, command.plaintext_retry)
+            self._open_server(command)
         elif isinstance(command, cmd.CloseServer):
             self._close_server(abort=command.abort)
         elif isinstance(command, cmd.CloseClient):
@@ -247,7 +247,9 @@ class ClientDriver(asyncio.Protocol):
             self.cancel_key = (command.pid, command.secret)
             self.sidecar.register(self, self.cancel_key)
         elif isinstance(command, cmd.SendCancel):
-            self.sidecar.send_cancel(command.pid, command.secret)
+            self.sidecar.send_cancel(command.pid, command.secret, command.host, command.address)
+        elif isinstance(command, cmd.NoteUpstream):
+            self.sidecar.note_upstream(command.host, command.address, command.role, command.fits)
         elif isinstance(command, cmd.Log):
             getattr(log, command.level)(command.message)
         else:
@@ -300,30 +302,32 @@ class ClientDriver(asyncio.Protocol):
         self.client = new
         self.feed(ev.ClientTLSStarted(time.monotonic()))
 
-    def _open_server(self, use_tls: bool | None, reconnect: bool = False, plaintext_retry: bool = False) -> None:
+    def _open_server(self, command: cmd.OpenServer) -> None:
         self._close_server()
-        self.connecting = asyncio.ensure_future(self._connect(use_tls, reconnect, plaintext_retry))
+        self.connecting = asyncio.ensure_future(self._connect(command))
 
-    async def _connect(self, use_tls: bool | None, reconnect: bool = False, plaintext_retry: bool = False) -> None:
+    async def _connect(self, command: cmd.OpenServer) -> None:
         try:
-            await self._connect_once(use_tls, reconnect, plaintext_retry)
+            await self._connect_once(command)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - a bug ends this session only; fail() logs the traceback
             self.fail(f"internal error while connecting upstream for session {self.brain.ctx.peer or '?'}; closing it")
 
-    async def _connect_once(self, use_tls: bool | None, reconnect: bool = False, plaintext_retry: bool = False) -> None:
+    async def _connect_once(self, command: cmd.OpenServer) -> None:
         side = ServerSide(self)
         try:
             # The brain's reconnect mark picks the gate's class: reconnects go before first logins.
-            async with self.sidecar.connect_slots.slot(reconnect):
+            async with self.sidecar.connect_slots.slot(command.reconnect):
                 transport, _, facts = await open_upstream(
-                    self.sidecar.target,
+                    self.sidecar.target.at(command.host),
                     self.sidecar.keepalive,
                     lambda: side,
                     ssl_context=self.sidecar.upstream_tls_context,
-                    use_tls=use_tls,
-                    plaintext_retry=plaintext_retry,
+                    use_tls=command.use_tls,
+                    plaintext_retry=command.plaintext_retry,
+                    avoid=command.avoid,
+                    shuffle=command.shuffle,
                 )
         except UpstreamError as exc:
             self.connecting = None

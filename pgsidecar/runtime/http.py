@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from pgsidecar import __version__
 from pgsidecar.observe.health import Health
 from pgsidecar.observe.metrics import Metrics
-from pgsidecar.runtime.upstream import UpstreamError, open_upstream
+from pgsidecar.runtime.upstream import UpstreamError, UpstreamFacts, open_upstream
 
 if TYPE_CHECKING:
     from pgsidecar.runtime.listener import Sidecar
@@ -85,18 +85,30 @@ class Operations:
             await self.probe()
             await asyncio.sleep(self.probe_interval_s)
 
+    async def _reach_any(self) -> tuple[asyncio.Transport, asyncio.Protocol, UpstreamFacts]:
+        """The first host of the list that answers (libpq multi-host); the last error if none."""
+        sidecar = self.sidecar
+        hosts = len(sidecar.target.hosts)
+        for i in range(hosts):
+            try:
+                return await open_upstream(
+                    sidecar.target.at(i),
+                    sidecar.keepalive,
+                    asyncio.Protocol,
+                    ssl_context=sidecar.upstream_tls_context,
+                    timeout_s=PROBE_TIMEOUT_S,
+                )
+            except (TimeoutError, UpstreamError, OSError) as exc:
+                if i == hosts - 1:
+                    raise exc from None
+        raise ValueError("no upstream host")
+
     async def probe(self) -> bool:
         """One TCP (+TLS per sslmode) connect to the upstream, closed at once: reachability only,
         no credentials needed."""
         sidecar = self.sidecar
         try:
-            transport, _, facts = await open_upstream(
-                sidecar.target,
-                sidecar.keepalive,
-                asyncio.Protocol,
-                ssl_context=sidecar.upstream_tls_context,
-                timeout_s=PROBE_TIMEOUT_S,
-            )
+            transport, _, facts = await self._reach_any()
         except (TimeoutError, UpstreamError, OSError, ValueError) as exc:
             # Log the first failure and each change from reachable to unreachable, not every probe.
             worth_a_line = not self.health.probed or (
@@ -174,6 +186,7 @@ async def start_http(app: Any) -> Operations:
     health = Health(draining=lambda: sidecar.draining, stale_after_s=3 * PROBE_INTERVAL_S)
     sidecar.on_client_error = metrics.client_error
     sidecar.on_upstream = health.upstream_result
+    sidecar.on_role = metrics.upstream_noted
     drops = getattr(app, "drops", None)
     if drops is not None:
         drops.on_record = metrics.drop_recorded

@@ -8,15 +8,16 @@ import os
 import time
 from collections.abc import Callable
 
-from pgsidecar.config.model import Config, SslMode
+from pgsidecar.config.model import Config, LoadBalanceHosts, SslMode
 from pgsidecar.observe.metrics import Tallies
 from pgsidecar.relay import events as ev
 from pgsidecar.relay.commands import DropFacts
 from pgsidecar.relay.connection import SessionPolicy
+from pgsidecar.relay.hosts import Attrs
 from pgsidecar.runtime.driver import ClientDriver
 from pgsidecar.runtime.gate import ConnectGate
 from pgsidecar.runtime.tls import local_server_context, upstream_context
-from pgsidecar.runtime.upstream import UpstreamError, UpstreamFacts, open_upstream
+from pgsidecar.runtime.upstream import UpstreamError, UpstreamFacts, open_upstream, pinned
 from pgsidecar.wire import frontend as fe
 from pgsidecar.wire import sqlstate
 
@@ -46,6 +47,9 @@ def policy_from_config(config: Config) -> SessionPolicy:
         allow_tls_retry=target.sslmode is SslMode.ALLOW,
         open_tls=target.sslmode not in (SslMode.DISABLE, SslMode.ALLOW),
         plaintext_retry=target.sslmode is SslMode.PREFER,
+        host_count=len(target.hosts),
+        target_session_attrs=Attrs(target.target_session_attrs.value),
+        load_balance=target.load_balance_hosts is LoadBalanceHosts.RANDOM,
     )
 
 
@@ -74,6 +78,7 @@ class Sidecar:
         self.tally = Tallies()  # bytes and clients, bumped per batch, read by /metrics
         self.on_client_error: Callable[[str], None] | None = None  # SQLSTATE pgsidecar sent
         self.on_upstream: Callable[[bool, str | None], None] | None = None  # connect outcome
+        self.on_role: Callable[[str, str, str, bool], None] | None = None  # a login's server and role
 
     # ---------------------------------------------------------------- listeners
     async def start(self) -> None:
@@ -177,12 +182,16 @@ class Sidecar:
             return
         driver.cancel()
 
-    def send_cancel(self, pid: int, secret: bytes) -> None:
-        task = asyncio.ensure_future(self._send_cancel(pid, secret))
+    def note_upstream(self, host: str, address: str, role: str, fits: bool) -> None:
+        if self.on_role is not None:
+            self.on_role(host, address, role, fits)
+
+    def send_cancel(self, pid: int, secret: bytes, host: int = 0, address: str | None = None) -> None:
+        task = asyncio.ensure_future(self._send_cancel(pid, secret, host, address))
         self.cancels.add(task)
         task.add_done_callback(self.cancels.discard)
 
-    async def _send_cancel(self, pid: int, secret: bytes) -> None:
+    async def _send_cancel(self, pid: int, secret: bytes, host: int = 0, address: str | None = None) -> None:
         """55.2.8 "Canceling Requests in Progress": a new connection carrying only CancelRequest."""
         done = asyncio.get_running_loop().create_future()
 
@@ -192,8 +201,9 @@ class Sidecar:
                     done.set_result(None)
 
         try:
+            # The backend lives at the address that serves the session, whatever DNS says now.
             transport, _, _ = await open_upstream(
-                self.target, self.keepalive, _Closer, ssl_context=self.upstream_tls_context
+                pinned(self.target.at(host), address), self.keepalive, _Closer, ssl_context=self.upstream_tls_context
             )
         except UpstreamError as exc:
             log.warning("could not forward a cancel request: %s", exc)

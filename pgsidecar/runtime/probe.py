@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from pgsidecar.config.model import Config
+from pgsidecar.config.model import Config, UpstreamTarget
+from pgsidecar.relay.hosts import Attrs, Role, mismatch
 from pgsidecar.relay.login import UpstreamLogin
 from pgsidecar.runtime.tls import upstream_context
-from pgsidecar.runtime.upstream import UpstreamFacts, keepalive_readback, open_upstream
+from pgsidecar.runtime.upstream import UpstreamError, UpstreamFacts, keepalive_readback, open_upstream
 from pgsidecar.wire import frontend as fe
 
 
@@ -43,8 +44,9 @@ async def check_upstream(
     password: str | None = None,
     dbname: str | None = None,
     timeout_s: float = 15.0,
+    target: UpstreamTarget | None = None,
 ) -> CheckResult:
-    target = config.upstream.target
+    target = target or config.upstream.target.at(0)
     user = user or config.auth.user or target.user
     if not user:
         raise CheckFailed("no user to log in with: set it in upstream.dsn, PGUSER or auth.user")
@@ -86,3 +88,42 @@ async def check_upstream(
                 return CheckResult(facts, step.done.params, step.done.backend_pid, login.auth_method, readback)
     finally:
         transport.close()
+
+
+@dataclass(slots=True)
+class HostReport:
+    """One host of the upstream's list, as `pgsidecar check` found it."""
+
+    label: str
+    result: CheckResult | None = None
+    error: str | None = None
+    role: str = "unknown"
+    fits: bool = False
+    chosen: bool = False
+
+
+async def check_hosts(config: Config, *, timeout_s: float = 15.0) -> list[HostReport]:
+    """Every host in order: reachable, its role, and which one a session would use (the first
+    whose role fits target_session_attrs; prefer-standby takes the first reachable otherwise).
+    A role the login did not report (PostgreSQL before 14) shows as unknown."""
+    target = config.upstream.target
+    attrs = Attrs(target.target_session_attrs.value)
+    reports: list[HostReport] = []
+    for i, host in enumerate(target.hosts):
+        report = HostReport(host.label())
+        try:
+            report.result = await check_upstream(config, timeout_s=timeout_s, target=target.at(i))
+        except (TimeoutError, CheckFailed, UpstreamError, OSError) as exc:
+            report.error = str(exc) or type(exc).__name__
+            reports.append(report)
+            continue
+        role = Role.from_params(report.result.params)
+        report.role = role.name
+        report.fits = mismatch(attrs, role, second_pass=False) is None
+        reports.append(report)
+    chosen = next((r for r in reports if r.fits), None)
+    if chosen is None and attrs is Attrs.PREFER_STANDBY:
+        chosen = next((r for r in reports if r.result is not None), None)
+    if chosen is not None:
+        chosen.chosen = True
+    return reports

@@ -8,8 +8,10 @@ exchange: the relay brain does that over the transport this returns.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import os
+import random
 import socket
 import ssl
 import struct
@@ -17,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pgsidecar.config.model import KeepaliveConfig, SslMode, UpstreamTarget
+from pgsidecar.config.model import KeepaliveConfig, SslMode, UpstreamHost, UpstreamTarget
 from pgsidecar.runtime.tls import CertFacts, cert_facts, host_matches_certificate, is_ip_literal
 from pgsidecar.wire.frontend import SSLRequest
 
@@ -31,6 +33,7 @@ ERROR_KINDS = (
     "ssl_not_supported",
     "ssl_rejected",
     "protocol",
+    "skipped",  # every address left was found with the wrong role (target_session_attrs)
 )
 
 #: errno -> kind, for a failed connect and (runtime/driver.py) for an established socket's end.
@@ -129,8 +132,12 @@ async def open_upstream(
     use_tls: bool | None = None,
     plaintext_retry: bool | None = None,
     timeout_s: float | None = None,
+    avoid: frozenset[str] = frozenset(),
+    shuffle: bool = False,
 ) -> tuple[asyncio.Transport, asyncio.Protocol, UpstreamFacts]:
-    """Connect to `target`; raise UpstreamError with the last address's failure.
+    """Connect to `target`'s first host (callers pass `UpstreamTarget.at(i)`): every address it
+    resolves to, in order (shuffled under load_balance_hosts=random, as libpq 16), except those in
+    `avoid` (the brain found the wrong role there); raise UpstreamError with the last failure.
 
     `use_tls` None decides from sslmode: disable and allow start in plaintext (the brain retries
     allow with use_tls=True after an authentication rejection), the others send SSLRequest.
@@ -148,7 +155,11 @@ async def open_upstream(
     retry_plaintext = (
         plaintext_retry if plaintext_retry is not None else (use_tls is None and dial.mode is SslMode.PREFER)
     )
-    infos = await _resolve(dial)
+    infos = [info for info in await _resolve(dial) if str(info[4][0]) not in avoid]
+    if not infos:
+        raise UpstreamError("skipped", f'every address of "{target.host}" was tried and had the wrong role')
+    if shuffle:
+        random.shuffle(infos)
     last: UpstreamError | None = None
     for family, _type, proto, _canon, sockaddr in infos:
         try:
@@ -157,6 +168,14 @@ async def open_upstream(
             last = e
     assert last is not None  # getaddrinfo never returns an empty list without raising
     raise last
+
+
+def pinned(target: UpstreamTarget, address: str | None) -> UpstreamTarget:
+    """A single-host target dialled at `address` (a hostaddr), its host name kept for TLS."""
+    if address is None or target.is_unix_socket:
+        return target
+    host = UpstreamHost(target.host, target.port, address)
+    return dataclasses.replace(target, hostaddr=address, hosts=(host,))
 
 
 def _timeout(target: UpstreamTarget, timeout_s: float | None) -> float | None:
@@ -170,12 +189,20 @@ def _timeout(target: UpstreamTarget, timeout_s: float | None) -> float | None:
 
 
 async def _resolve(dial: _Dial) -> list[Any]:
-    """Resolve on every call: after a failover the name points somewhere else."""
+    """Resolve on every call: after a failover the name points somewhere else. A hostaddr is
+    dialled as it is, without DNS (libpq); the host name still serves TLS verification."""
     host, port = dial.target.host, dial.target.port
+    numeric = dial.target.hostaddr
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(dial.timeout_s):
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+            infos = await loop.getaddrinfo(
+                numeric or host,
+                port,
+                type=socket.SOCK_STREAM,
+                proto=socket.IPPROTO_TCP,
+                flags=socket.AI_NUMERICHOST if numeric else 0,
+            )
     except TimeoutError:
         raise UpstreamError("dns", f'could not translate host name "{host}" to address: timeout expired') from None
     except (socket.gaierror, UnicodeError) as e:

@@ -12,4 +12,5 @@ class SocketEnd(enum.StrEnum):
     TIMEOUT = "timeout"  # keepalives or TCP_USER_TIMEOUT gave up (ETIMEDOUT)
     UNREACHABLE = "unreachable"  # EHOSTUNREACH / ENETUNREACH
     TLS_ERROR = "tls_error"  # an alert or a broken record
-    OTHER = "other"  # anything else (a protocol error of the server's, an unknown errno)
+    OTHER = "other"
+    ROLE_LOST = "role_lost"  # pgsidecar left a server that lost the role the session needs  # anything else (a protocol error of the server's, an unknown errno)

@@ -65,6 +65,24 @@ def test_check_fails_clearly_when_unreachable():
     assert "Connection refused" in out.stderr
 
 
+def test_check_reports_every_host_and_the_one_a_session_would_use(pg, standby_of):
+    """libpq multi-host: a dead host, a standby, the primary; read-write picks the primary."""
+    standby = standby_of(pg)
+    dead = free_port()
+    dsn = pg.dsn(user="app", port=f"{dead},{standby.port},{pg.port}", host="localhost,localhost,localhost")
+    out = _run("check", "--upstream", dsn + " target_session_attrs=read-write connect_timeout=2")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "hosts (target_session_attrs=read-write):"
+    assert f"localhost:{dead}" in lines[1] and "unreachable" in lines[1] and "Connection refused" in lines[1]
+    assert f"localhost:{standby.port}" in lines[2] and "reachable, standby  (wrong role)" in lines[2]
+    assert f"localhost:{pg.port}" in lines[3] and "reachable, primary  <- chosen" in lines[3]
+    assert f"port {pg.port}" in out.stdout  # the details are the chosen host's
+    only_standby = pg.dsn(user="app", port=str(standby.port)) + " target_session_attrs=primary"
+    out = _run("check", "--upstream", only_standby)
+    assert out.returncode == 4 and "no usable host" in out.stderr and "wrong role: standby" in out.stderr
+
+
 def test_check_fails_clearly_on_wrong_password(pg):
     out = _run("check", "--upstream", pg.dsn(user="app", password="wrong"))
     assert out.returncode == 4

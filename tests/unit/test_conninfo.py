@@ -140,7 +140,6 @@ def test_known_but_unsupported_libpq_keyword() -> None:
         "keepalives_interval",
         "keepalives_count",
         "tcp_user_timeout",
-        "target_session_attrs",
         "gssencmode",
         "sslcompression",
         "fallback_application_name",
@@ -252,10 +251,12 @@ def test_uri_bad_percent_encoding_does_not_leak_the_password() -> None:
     assert "%00" in str(error("postgresql://u:abc%00@db"))
 
 
-def test_multiple_hosts_are_not_supported_yet() -> None:
-    assert "multiple hosts" in str(error("postgresql://a:5432,b:5433/app"))
-    assert "multiple hosts" in str(error("host=a,b"))
-    assert "multiple ports" in str(error("host=a port=1,2"))
+def test_multiple_hosts_flow_through_uri_and_key_value() -> None:
+    # Was test_multiple_hosts_are_not_supported_yet; the multi-host rules are in
+    # test_conninfo_multihost.py.
+    assert [h.label() for h in parse("postgresql://a:5432,b:5433/app").hosts] == ["a:5432", "b:5433"]
+    assert [h.host for h in parse("host=a,b").hosts] == ["a", "b"]
+    assert str(error("host=a port=1,2")) == "could not match 2 port numbers to 1 hosts"
 
 
 def test_uri_empty_host_falls_back_to_pghost() -> None:
@@ -331,7 +332,9 @@ def test_bad_value_from_a_variable_names_the_variable() -> None:
 def test_pghostaddr_alone_is_the_host() -> None:
     assert parse("", PGHOSTADDR="10.0.0.5").host == "10.0.0.5"
     assert parse("hostaddr=10.0.0.5").host == "10.0.0.5"
-    assert "hostaddr together with host" in str(error("host=db hostaddr=10.0.0.5"))
+    # Was: hostaddr together with host refused. Now libpq's rule: dial hostaddr, verify host.
+    target = parse("host=db hostaddr=10.0.0.5")
+    assert (target.host, target.hostaddr, target.is_unix_socket) == ("db", "10.0.0.5", False)
 
 
 # ---------------------------------------------------------------- values

@@ -385,7 +385,7 @@ def test_idle_drop_is_hidden() -> None:
     pb = Playbook()
     login(pb)
     first_query(pb)
-    assert pb.server_closed() == [cmd.CloseServer(), cmd.SetTimer("deadline", 30.0), cmd.OpenServer(reconnect=True)]
+    assert pb.server_closed() == [cmd.CloseServer(), cmd.OpenServer(reconnect=True)]
     assert pb.conn.phase is Phase.RECONNECTING
     out = reconnect(pb)
     assert out == [out[0], cmd.CancelTimer("deadline")]
@@ -406,7 +406,7 @@ def test_client_bytes_during_reconnect_are_held_then_sent() -> None:
     first_query(pb)
     pb.server_closed()
     q = fe.Query("SELECT 7").encode()
-    assert pb.client(q) == []
+    assert pb.client(q) == [cmd.SetTimer("deadline", 30.0)]  # a waiting request: its deadline starts
     out = reconnect(pb)
     assert out[-1] == cmd.SendToServer(q)
     assert to_client(out) == b""
@@ -429,7 +429,7 @@ def test_idle_drop_with_the_servers_fatal_is_hidden() -> None:
     out = pb.server(error("FATAL", "57P01", "terminating connection due to administrator command"))
     out += pb.server_closed()
     assert to_client(out) == b""
-    assert out[-3:] == [cmd.CloseServer(), cmd.SetTimer("deadline", 30.0), cmd.OpenServer(reconnect=True)]
+    assert out[-3:] == [cmd.CloseServer(), cmd.OpenServer(reconnect=True)]
     record = drop_record(reconnect(pb))
     assert record.observed.sqlstate == "57P01"
 
@@ -447,7 +447,6 @@ def test_drop_inside_a_transaction_with_a_request_in_flight() -> None:
     assert out == [
         cmd.CloseServer(),
         cmd.SendToClient(error("ERROR", "08006", LOST_IN_TRANSACTION) + z(b"E")),
-        cmd.SetTimer("deadline", 30.0),
         cmd.OpenServer(reconnect=True),
     ]
     # The client ends its block: answered here, nothing reaches any server.
@@ -464,7 +463,7 @@ def test_drop_idle_in_transaction_owes_the_error_to_the_next_request() -> None:
     login(pb)
     pb.client(fe.Query("BEGIN").encode())
     pb.server(be.CommandComplete("BEGIN").encode() + z(b"T"))
-    assert pb.server_closed() == [cmd.CloseServer(), cmd.SetTimer("deadline", 30.0), cmd.OpenServer(reconnect=True)]
+    assert pb.server_closed() == [cmd.CloseServer(), cmd.OpenServer(reconnect=True)]
     assert pb.client(fe.Query("SELECT 1").encode()) == [
         cmd.SendToClient(error("ERROR", "08006", LOST_IN_TRANSACTION) + z(b"E"))
     ]
@@ -483,7 +482,6 @@ def test_drop_with_an_autocommit_request_in_flight_is_08007() -> None:
     assert out == [
         cmd.CloseServer(),
         cmd.SendToClient(error("ERROR", "08007", LOST_IN_FLIGHT) + z(b"I")),
-        cmd.SetTimer("deadline", 30.0),
         cmd.OpenServer(reconnect=True),
     ]
     record = drop_record(reconnect(pb))
@@ -499,7 +497,7 @@ def test_drop_with_commit_in_flight_is_08007() -> None:
     out = pb.server_closed()
     assert to_client(out) == error("ERROR", "08007", LOST_IN_FLIGHT) + z(b"I")
     q = fe.Query("SELECT 1").encode()
-    assert pb.client(q) == []  # no local abort: held for the new connection
+    assert pb.client(q) == [cmd.SetTimer("deadline", 30.0)]  # no local abort: held, with its deadline
 
 
 def test_idle_session_timeout_with_a_request_sent_is_resent_after_replay() -> None:
@@ -520,22 +518,60 @@ def test_idle_session_timeout_with_a_request_sent_is_resent_after_replay() -> No
     assert pb.server(reply) == [cmd.SendToClient(reply)]
 
 
-def test_reconnect_deadline_gives_up_with_fatal_08006() -> None:
+def test_an_idle_session_never_gives_up_while_its_client_stays() -> None:
+    """An outage longer than reconnect.deadline: no deadline runs while nothing waits, the backoff
+    stays capped, and the client is never closed (issue 12: the app's next request used to find a
+    closed connection)."""
+    pb = Playbook(reconnect_deadline_s=5.0)
+    login(pb)
+    first_query(pb)
+    assert pb.server_closed() == [cmd.CloseServer(), cmd.OpenServer(reconnect=True)]
+    for i in range(40):  # 40 failed attempts, far past the 5 s deadline
+        out = pb.handle(ev.ServerConnectFailed(pb.now + 10 * i, "refused", "connection refused", "ECONNREFUSED"))
+        assert out[0] == cmd.CloseServer() and isinstance(out[1], cmd.SetTimer) and out[1].name == "backoff"
+        assert out[1].delay_s <= 2.0  # reconnect.backoff_max
+        assert cmd.CloseClient() not in out and to_client(out) == b""
+        assert pb.timer("backoff") == [cmd.OpenServer(reconnect=True)]
+    assert pb.conn.phase is Phase.RECONNECTING
+
+
+def test_a_request_waits_the_deadline_from_its_arrival_then_gets_08006_and_the_session_stays() -> None:
     pb = Playbook(reconnect_deadline_s=5.0)
     login(pb)
     first_query(pb)
     pb.server_closed()
-    out = pb.handle(ev.ServerConnectFailed(pb.now + 1, "refused", "connection refused", "ECONNREFUSED"))
-    assert out[0] == cmd.CloseServer() and isinstance(out[1], cmd.SetTimer) and out[1].name == "backoff"
-    assert pb.timer("backoff") == [cmd.OpenServer(reconnect=True)]
+    pb.handle(ev.ServerConnectFailed(pb.now + 1, "refused", "connection refused", "ECONNREFUSED"))
+    q = fe.Query("INSERT INTO t VALUES (1)").encode()
+    assert pb.client(q) == [cmd.SetTimer("deadline", 5.0), cmd.CancelTimer("backoff"), cmd.OpenServer(reconnect=True)]
+    pb.handle(ev.ServerConnectFailed(pb.now + 2, "refused", "connection refused", "ECONNREFUSED"))
     out = pb.timer("deadline")
-    sent = to_client(out)
-    err = be.ErrorResponse.decode(messages(sent)[0][1])
-    assert (err.severity, err.code) == ("FATAL", "08006")
-    assert "connection refused" in err.message
-    assert cmd.CloseClient() in out
-    assert drop_record(out).reconnect.succeeded is False
-    assert pb.conn.phase is Phase.CLOSED
+    err = be.ErrorResponse.decode(messages(to_client(out))[0][1])
+    assert (err.severity, err.code) == ("ERROR", "08006")
+    assert "could not reconnect within 5 s" in err.message and "connection refused" in err.message
+    assert to_client(out).endswith(z(b"I")) and cmd.CloseClient() not in out
+    assert pb.conn.phase is Phase.RECONNECTING
+    # The next request starts its own deadline; when the server is back it runs there.
+    q2 = fe.Query("INSERT INTO t VALUES (2)").encode()
+    assert pb.client(q2)[0] == cmd.SetTimer("deadline", 5.0)
+    out = reconnect(pb)
+    assert to_server(out).endswith(q2) and q not in to_server(out)
+    record = drop_record(out)
+    assert record.reconnect is not None and record.reconnect.succeeded is True
+    assert record.impact.startswith("error 08006 to waiting requests")
+
+
+def test_a_waiting_extended_group_is_answered_once_at_its_sync() -> None:
+    pb = Playbook(reconnect_deadline_s=5.0)
+    login(pb)
+    first_query(pb)
+    pb.server_closed()
+    bind = b"B" + (4 + 2 + 6).to_bytes(4, "big") + b"\x00\x00" + b"\x00\x00" * 3  # unnamed, no params
+    group = fe.Parse("", "SELECT 1", ()).encode() + bind
+    pb.client(group)
+    out = pb.timer("deadline")
+    assert [t for t, _ in messages(to_client(out))] == [b"E"]  # the group is open: no Z yet
+    assert pb.client(fe.Execute("", 0).encode() + fe.Sync().encode()) == [cmd.SendToClient.mine(z(b"I"))]
+    assert pb.conn.phase is Phase.RECONNECTING
 
 
 def test_a_client_that_leaves_during_the_reconnect_abandons_it() -> None:

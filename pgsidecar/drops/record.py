@@ -93,6 +93,7 @@ class DropFacts:
     upstream: UpstreamInfo
     server_before: ServerSnapshot | None = None
     server_after: ServerSnapshot | None = None
+    upstream_after: UpstreamInfo | None = None  # the connection that replaced it
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +120,7 @@ class DropRecord:
     user_timeout_s: float | None = None
     server_before: ServerSnapshot | None = None  # of the connection that ended
     server_after: ServerSnapshot | None = None  # of the new connection
+    upstream_after: UpstreamInfo | None = None  # the new connection: another host or address after a failover
 
     @classmethod
     def from_evidence(
@@ -135,6 +137,7 @@ class DropRecord:
         classification: Classification,
         server_before: ServerSnapshot | None = None,
         server_after: ServerSnapshot | None = None,
+        upstream_after: UpstreamInfo | None = None,
     ) -> DropRecord:
         """Assemble a record from what the runtime collected and what `classify` decided."""
         return cls(
@@ -158,6 +161,7 @@ class DropRecord:
             user_timeout_s=evidence.user_timeout_s,
             server_before=server_before,
             server_after=server_after,
+            upstream_after=upstream_after,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -183,6 +187,7 @@ class DropRecord:
             "user_timeout_s": _finite(self.user_timeout_s),
             "server_before": _snapshot_to_dict(self.server_before),
             "server_after": _snapshot_to_dict(self.server_after),
+            "upstream_after": None if self.upstream_after is None else _plain(self.upstream_after),
         }
 
     def to_json(self) -> str:
@@ -228,6 +233,9 @@ class DropRecord:
             user_timeout_s=_opt_float(data.get("user_timeout_s"), "user_timeout_s"),
             server_before=_snapshot_from_dict(data.get("server_before"), "server_before"),
             server_after=_snapshot_from_dict(data.get("server_after"), "server_after"),
+            upstream_after=None
+            if data.get("upstream_after") is None
+            else _sub(UpstreamInfo, data["upstream_after"], "upstream_after"),
         )
 
 

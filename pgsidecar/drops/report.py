@@ -22,7 +22,7 @@ from typing import IO, Any
 # The one duration syntax of pgsidecar lives with the configuration (README "Configuration").
 from pgsidecar.config.load import parse_duration as config_duration
 from pgsidecar.drops.causes import DropCause
-from pgsidecar.drops.record import DropRecord, DropRecordError, iso_utc, parse_time
+from pgsidecar.drops.record import DropRecord, DropRecordError, ServerSnapshot, UpstreamInfo, iso_utc, parse_time
 
 # Idle-age clustering: members lie within +/- max(2 %, 3 s) of the center.
 CLUSTER_REL = 0.02
@@ -279,6 +279,49 @@ def summarize(records: Sequence[DropRecord]) -> dict[str, Any]:
         "idle_clusters": idle_clusters(recs),
         "events": correlated_events(recs),
         "hints": _hints(recs),
+        "failovers": failovers(recs),
+    }
+
+
+_MOVES = frozenset({DropCause.FAILOVER, DropCause.SWITCHOVER})
+
+
+def _role(snap: ServerSnapshot | None) -> str:
+    if snap is None or snap.in_recovery is None:
+        return "?"
+    if snap.in_recovery:
+        return "standby"
+    return "read-only" if snap.read_only else "primary"
+
+
+def _where(up: UpstreamInfo | None) -> str:
+    if up is None or (up.host is None and up.address is None):
+        return "?"
+    if up.address and up.host and up.address != up.host:
+        return f"{up.host} ({up.address})"
+    return str(up.address or up.host)
+
+
+def failovers(recs: Sequence[DropRecord]) -> dict[str, Any] | None:
+    """Drops where the writer moved: how many, how long the app waited, from where to where."""
+    moved = [r for r in recs if r.cause in _MOVES]
+    if not moved:
+        return None
+    waits = sorted(r.reconnect.duration_s for r in moved if r.reconnect is not None and r.reconnect.succeeded)
+    paths = Counter(
+        (f"{_where(r.upstream)} {_role(r.server_before)}", f"{_where(r.upstream_after)} {_role(r.server_after)}")
+        for r in moved
+    )
+    return {
+        "count": len(moved),
+        "by_cause": dict(Counter(r.cause.value for r in moved).most_common()),
+        "transparent": sum(1 for r in moved if r.impact == "transparent"),
+        "wait_s": {
+            "median": waits[len(waits) // 2] if waits else None,
+            "max": waits[-1] if waits else None,
+            "reconnected": len(waits),
+        },
+        "paths": [{"before": b, "after": a, "count": n} for (b, a), n in paths.most_common()],
     }
 
 
@@ -511,6 +554,19 @@ def render_text(summary: dict[str, Any]) -> str:
         lines.append("Same moment, several sidecars or clients (server-side events)")
         for e in summary["events"]:
             lines.append("  " + _event_line(e, same_day) + ".")
+        lines.append("")
+    moves = summary.get("failovers")
+    if moves:
+        causes = ", ".join(f"{n} {c}" for c, n in moves["by_cause"].items())
+        wait = moves["wait_s"]
+        waited = (
+            f"the app waited {wait['median']:.1f} s median, {wait['max']:.1f} s at most"
+            if wait["reconnected"]
+            else "no reconnect succeeded"
+        )
+        lines.append(f"Failovers ({causes}; {moves['transparent']} transparent; {waited})")
+        for p in moves["paths"]:
+            lines.append(f"  {p['count']:>4}  {p['before']}  ->  {p['after']}")
         lines.append("")
     lines.append("Hints")
     for h in summary["hints"]:

@@ -37,6 +37,7 @@ def build_record(facts: DropFacts, *, sidecar: str, config: Config) -> DropRecor
         classification=classify(evidence),
         server_before=facts.server_before,
         server_after=facts.server_after,
+        upstream_after=facts.upstream_after,
     )
 
 

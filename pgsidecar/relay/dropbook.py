@@ -36,6 +36,23 @@ class Reveal:
     system_identifier_changed: bool | None = None
 
 
+def upstream_info(conn: SessionContext, server_version: str | None) -> UpstreamInfo:
+    """The upstream connection serving the session now, for the record."""
+    facts = conn.facts
+    not_after = facts.get("cert_not_after")
+    return UpstreamInfo(
+        host=facts.get("host"),
+        address=facts.get("address"),
+        port=facts.get("port"),
+        backend_pid=conn.backend_key[0],
+        server_version=server_version,
+        tls_version=facts.get("tls_version"),
+        tls_cipher=facts.get("tls_cipher"),
+        cert_fingerprint_sha256=facts.get("cert_fingerprint"),
+        cert_not_after=iso_utc(not_after) if not_after is not None else None,
+    )
+
+
 def snapshot(facts: ServerFacts | None) -> ServerSnapshot | None:
     """session/state.py's ServerFacts -> the record's ServerSnapshot."""
     if facts is None:
@@ -117,7 +134,6 @@ class DropTracker:
         self.previous_address = facts.get("address")
         self.previous_fingerprint = facts.get("cert_fingerprint")
         fatal = conn.last_fatal or conn.last_notice
-        not_after = facts.get("cert_not_after")
         tcp_info = event.tcp_info
         self.opened = DropFacts(
             time=event.wall,
@@ -148,17 +164,7 @@ class DropTracker:
                 user=show(conn.params.get("user")),
                 database=show(conn.params.get("database")),
             ),
-            upstream=UpstreamInfo(
-                host=facts.get("host"),
-                address=facts.get("address"),
-                port=facts.get("port"),
-                backend_pid=conn.backend_key[0],
-                server_version=conn.client_params.get("server_version"),
-                tls_version=facts.get("tls_version"),
-                tls_cipher=facts.get("tls_cipher"),
-                cert_fingerprint_sha256=facts.get("cert_fingerprint"),
-                cert_not_after=iso_utc(not_after) if not_after is not None else None,
-            ),
+            upstream=upstream_info(conn, conn.client_params.get("server_version")),
             server_before=snapshot(conn.server_facts),
         )
         conn.last_fatal = None
@@ -232,6 +238,8 @@ class DropTracker:
             impact=impact if succeeded is not False or impact != "transparent" else "fatal",
             reconnect=outcome,
             server_after=self.server_after,
+            # replay_done closes the book on the new connection: its host and address
+            upstream_after=upstream_info(conn, conn.client_params.get("server_version")) if succeeded else None,
         )
         self.started = None
         self.attempts = 0

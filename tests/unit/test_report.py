@@ -360,3 +360,40 @@ def test_middlebox_names_and_durations() -> None:
 def test_help_exits_0(flag: str) -> None:
     code, _, _ = run([flag])
     assert code == 0
+
+
+def test_failovers_are_counted_with_the_wait_and_where_the_writer_went(tmp_path: Path) -> None:
+    """Issue 12: how many failovers, how long the app waited, which host served before and after."""
+    from dataclasses import replace
+
+    from pgsidecar.drops.record import ServerSnapshot
+
+    t = DAY0 + 3600.0
+    old, new = UpstreamInfo("db.cluster", "10.0.0.1", 5432, 7), UpstreamInfo("db.cluster", "10.0.0.2", 5432, 9)
+    primary, standby = ServerSnapshot(1.0, False, False, "1", 1), ServerSnapshot(2.0, True, True, "1", 1)
+    moved = [
+        replace(
+            rec(t + k, cause=DropCause.FAILOVER, sidecar=f"pod{k}"),
+            upstream=old,
+            upstream_after=new,
+            server_before=primary,
+            server_after=replace(primary, timeline=2),
+            reconnect=ReconnectOutcome(9, 20.0 + k, True),
+        )
+        for k in range(3)
+    ]
+    demoted = replace(moved[0], cause=DropCause.SWITCHOVER, upstream_after=old, server_after=standby, time=t + 9)
+    path = write(tmp_path / "f.jsonl", [*moved, demoted, rec(t + 50)])
+    _, out, _ = run([str(path)])
+    assert "Failovers (3 failover, 1 switchover; 4 transparent; the app waited 21.0 s median, 22.0 s at most)" in out
+    assert re.search(
+        r"^\s+3\s+db\.cluster \(10\.0\.0\.1\) primary\s+->\s+db\.cluster \(10\.0\.0\.2\) primary$", out, re.M
+    )
+    assert re.search(
+        r"^\s+1\s+db\.cluster \(10\.0\.0\.1\) primary\s+->\s+db\.cluster \(10\.0\.0\.1\) standby$", out, re.M
+    )
+    _, js, _ = run([str(path), "--json"])
+    summary = json.loads(js)["failovers"]
+    assert summary["count"] == 4 and summary["wait_s"] == {"median": 21.0, "max": 22.0, "reconnected": 4}
+    again = DropRecord.from_json(moved[0].to_json())
+    assert again.upstream_after == new  # the new connection is kept in the line and read back

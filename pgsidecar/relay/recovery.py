@@ -17,6 +17,7 @@ from pgsidecar.wire import backend as be
 from pgsidecar.wire import frontend as fe
 from pgsidecar.wire import sqlstate
 from pgsidecar.wire.errors import ClientProtocolError
+from pgsidecar.wire.frames import PQ_LARGE_MESSAGE_LIMIT, MessageBuffer, frontend_limits
 
 LOST_IN_TRANSACTION = "connection to the server was lost; the transaction was rolled back"
 LOST_IN_FLIGHT = "connection to the server was lost while the request was in flight; whether it was executed is unknown"
@@ -261,6 +262,10 @@ def _per_sync(owed: int, first: bytes, status: bytes) -> bytes:
     return bytes(out)
 
 
+#: What the responders accept of a client: PostgreSQL's own per-type length limits.
+_CLIENT_LIMITS = frontend_limits(PQ_LARGE_MESSAGE_LIMIT)
+
+
 class GroupAbort:
     """Answers the rest of a request group the drop cut off, the way PostgreSQL answers a group
     whose message failed (55.2.3): one ErrorResponse, everything up to Sync discarded, then
@@ -271,9 +276,8 @@ class GroupAbort:
         self._error = error
         self._error_sent = False
         self._group_open = group_open  # inside an extended-protocol group: discard until Sync
-        self._skip = 0  # body bytes of the current message still to discard
-        self._head = b""  # a header split across reads
-        self._ends_after_skip = False
+        self._buf = MessageBuffer(PQ_LARGE_MESSAGE_LIMIT, client=True, limits=_CLIENT_LIMITS)
+        self._ending = False  # the group ends once the current message's body is discarded
         self.done = False
 
     def error_now(self) -> bytes:
@@ -285,46 +289,25 @@ class GroupAbort:
     def begin_partial(self, t: int, remaining: int) -> bytes:
         """The drop cut a message of type ``t``: answer it by its type; its rest is discarded."""
         reply = bytearray()
-        ends = self._message(t, reply)
-        self._skip = remaining
-        if ends:
-            self._ends_after_skip = bool(remaining)
-            self.done = not remaining
+        self._ending = self._message(t, reply)
+        self._buf.discard(remaining)
+        self.done = self._ending and not self._buf.skipping
         return bytes(reply)
 
     def feed(self, data: bytes) -> tuple[bytes, bytes, bool]:
         """Returns (reply to the client, bytes after the group ended, whether it ended)."""
+        messages = self._buf
+        messages.feed(data)
         reply = bytearray()
-        i, n = 0, len(data)
-        while not self.done and i < n:
-            if self._skip:
-                take = min(self._skip, n - i)
-                self._skip -= take
-                i += take
-                if not self._skip and self._ends_after_skip:
-                    self.done = True
-                continue
-            need = 5 - len(self._head)
-            piece = data[i : i + need]
-            self._head += piece
-            i += len(piece)
-            if len(self._head) < 5:
-                break
-            head, self._head = self._head, b""
-            t = head[0]
-            ln = int.from_bytes(head[1:5], "big")
-            if ln < 4:
-                raise ClientProtocolError(f"invalid message length {ln}")
-            if t == _X:
+        while not self.done and not self._ending and (head := messages.header()) is not None:
+            if head[0] == _X:
                 # The client is leaving: its Terminate goes back to the session, which ends as usual.
                 self.done = True
-                return bytes(reply), head + data[i:], True
-            ends = self._message(t, reply)
-            self._skip = ln - 4
-            if ends:
-                self._ends_after_skip = bool(self._skip)
-                self.done = not self._skip
-        return bytes(reply), (data[i:] if self.done else b""), self.done
+                return bytes(reply), messages.rest(), True
+            self._ending = self._message(head[0], reply)
+            messages.skip_message()
+        self.done = self.done or (self._ending and not messages.skipping)
+        return bytes(reply), (messages.rest() if self.done else b""), self.done
 
     def _message(self, t: int, reply: bytearray) -> bool:
         """Answer one message by its type; True when it ends the group."""
@@ -367,12 +350,13 @@ class LocalAbortResponder:
         self.owe_error = owe_error
         # The first error tells why the transaction was lost (the server's own SQLSTATE if it said).
         self._first_error = first_error or error_bytes("ERROR", sqlstate.CONNECTION_FAILURE, LOST_IN_TRANSACTION)
-        self._buf = bytearray()
+        self._buf = MessageBuffer(PQ_LARGE_MESSAGE_LIMIT, client=True, limits=_CLIENT_LIMITS)
         self._batch_end = False
         self._batch_commit = False
         self._batch_failed = False
         self._batch_reply = bytearray()
-        self._skip = 0  # bytes still to come of a message answered without reading its body
+        # Once the block has ended: what goes back to the session ahead of the bytes after it.
+        self._handback: bytes | None = None
 
     def _error(self) -> bytes:
         if self.owe_error:
@@ -382,7 +366,7 @@ class LocalAbortResponder:
 
     def begin_partial(self, t: int, remaining: int) -> bytes:
         """The drop cut a message of type ``t``: answer it from its type alone; its rest is skipped."""
-        self._skip = remaining
+        self._buf.discard(remaining)
         if t == _X:
             return b""  # a cut Terminate: the client is leaving
         reply = bytearray()
@@ -391,38 +375,30 @@ class LocalAbortResponder:
 
     def feed(self, data: bytes) -> tuple[bytes, bytes, bool]:
         """Returns (reply to the client, bytes after the block ended, whether it ended)."""
-        if self._skip:
-            taken = min(self._skip, len(data))
-            self._skip -= taken
-            data = data[taken:]
-        self._buf += data
+        messages = self._buf
+        messages.feed(data)
         reply = bytearray()
-        while len(self._buf) >= 5:
-            t = self._buf[0]
-            ln = int.from_bytes(self._buf[1:5], "big")
-            if ln < 4:
-                raise ClientProtocolError(f"invalid message length {ln}")
-            if len(self._buf) < ln + 1:
-                if t in _TEXT_TYPES and ln <= _MAX_TEXT:
-                    break  # a statement text, read whole to see whether it ends the block
+        while self._handback is None and (head := messages.header()) is not None:
+            t, size = head
+            if t in _TEXT_TYPES and size + 4 <= _MAX_TEXT:
+                # A statement text, read whole to see whether it ends the block.
+                whole = messages.next()
+                if whole is None:
+                    break
+                payload = whole[1]
+            else:
                 # Anything else is answered from its type alone; its body is skipped, not held.
-                self._skip = ln + 1 - len(self._buf)
-                self._buf.clear()
-                ended = self._message(t, b"\x00\x00" if t == _PARSE else b"", reply)
-                return bytes(reply), b"", ended
-            payload = bytes(self._buf[5 : ln + 1])
-            del self._buf[: ln + 1]
-            ended = self._message(t, payload, reply)
-            if ended:
-                rest = bytes(self._buf)
-                self._buf.clear()
-                return bytes(reply), rest, True
-        return bytes(reply), b"", False
+                messages.skip_message()
+                payload = b"\x00\x00" if t == _PARSE else b""
+            if t == _X:
+                self._handback = fe.Terminate().encode()
+            elif self._message(t, payload, reply):
+                self._handback = b""
+        if self._handback is None or messages.skipping:
+            return bytes(reply), b"", False  # open, or the rest of the message that ended it is still to come
+        return bytes(reply), self._handback + messages.rest(), True
 
     def _message(self, t: int, payload: bytes, reply: bytearray) -> bool:
-        if t == K.TERMINATE:
-            self._buf[:0] = fe.Terminate().encode()
-            return True
         if t == K.QUERY:
             if is_transaction_end(payload):
                 if self.owe_error and not _ROLLBACK_ONLY.match(payload):

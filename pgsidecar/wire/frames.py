@@ -310,32 +310,77 @@ class StartupReader:
 
 class MessageBuffer:
     """Whole typed messages, buffered: for login, pgsidecar's own queries and other paths off the
-    hot one, where every message is read in full (FrameScanner serves the relay)."""
+    hot one (FrameScanner serves the relay). A caller may look at a header first and drop the
+    message instead of reading it: a skipped body is discarded as it arrives, never buffered."""
 
-    __slots__ = ("_buf", "_client", "max_len")
+    __slots__ = ("_buf", "_client", "_skip", "limits", "max_len")
 
-    def __init__(self, max_len: int, *, client: bool) -> None:
+    def __init__(self, max_len: int, *, client: bool, limits: list[int] | None = None) -> None:
         self._buf = bytearray()
         self.max_len = max_len
+        # Per type byte; ``frontend_limits`` gives a client stream PostgreSQL's.
+        self.limits = limits if limits is not None else [max_len] * 256
         self._client = client
+        self._skip = 0  # bytes of a dropped message still to come; fed bytes pay this first
+
+    def __len__(self) -> int:
+        """Bytes buffered: memory held, never more than was fed and not yet taken or dropped."""
+        return len(self._buf)
+
+    @property
+    def skipping(self) -> bool:
+        """The rest of a dropped message has not all arrived yet."""
+        return self._skip > 0
 
     def feed(self, data: bytes | memoryview) -> None:
+        if self._skip:
+            take = min(self._skip, len(data))
+            self._skip -= take
+            data = data[take:]
         self._buf += data
 
-    def next(self) -> tuple[int, bytes] | None:
-        """The next whole message as (type byte, payload), or None for need-more."""
+    def header(self) -> tuple[int, int] | None:
+        """The next message's type byte and body length, not consumed; None for need-more."""
         if len(self._buf) < 5:
             return None
         t = self._buf[0]
         (ln,) = _INT32.unpack_from(self._buf, 1)
-        if ln < 4 or ln > self.max_len:
+        if ln < 4 or ln > self.limits[t]:
             cls = ClientProtocolError if self._client else ServerProtocolError
-            raise cls(f"invalid message length {ln}")
-        if len(self._buf) < ln + 1:
+            raise cls(self._bad_length(t, ln))
+        return t, ln - 4
+
+    def _bad_length(self, t: int, ln: int) -> str:
+        # FrameScanner's words: a client hears the same whichever path read its bytes.
+        kind = chr(t) if 32 < t < 127 else f"0x{t:02x}"
+        if ln < 4:
+            return f"invalid message length {ln} for message type {kind!r}"
+        return (
+            f"invalid message length: message type {kind!r} of {ln} bytes exceeds the limit of {self.limits[t]} bytes"
+        )
+
+    def next(self) -> tuple[int, bytes] | None:
+        """The next whole message as (type byte, payload), or None for need-more."""
+        head = self.header()
+        if head is None or len(self._buf) < 5 + head[1]:
             return None
-        payload = bytes(self._buf[5 : ln + 1])
-        del self._buf[: ln + 1]
-        return t, payload
+        end = 5 + head[1]
+        payload = bytes(self._buf[5:end])
+        del self._buf[:end]
+        return head[0], payload
+
+    def skip_message(self) -> None:
+        """Drop the next message (its header must be here), its body too, however much is to come."""
+        head = self.header()
+        if head is None:
+            raise ValueError("no whole message header to skip")
+        self.discard(5 + head[1])
+
+    def discard(self, n: int) -> None:
+        """Drop the next ``n`` bytes of the stream: those buffered, then as many as are fed next."""
+        here = min(n, len(self._buf))
+        del self._buf[:here]
+        self._skip += n - here
 
     def pending(self) -> bool:
         """Some bytes are buffered (not necessarily a whole message)."""
@@ -349,3 +394,4 @@ class MessageBuffer:
 
     def clear(self) -> None:
         self._buf.clear()
+        self._skip = 0

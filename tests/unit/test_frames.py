@@ -1,4 +1,4 @@
-"""FrameScanner and StartupReader (pgsidecar.wire.frames): header-only framing under every split.
+"""FrameScanner, StartupReader and MessageBuffer (pgsidecar.wire.frames): framing under every split.
 
 The relay forwards bytes untouched and only walks headers, so the scanner must find the same
 messages however the stream is cut into reads, copy out only the wanted payloads, and never
@@ -13,8 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pgsidecar.relay.recovery import GroupAbort, LocalAbortResponder
+from pgsidecar.wire import frontend as fe
 from pgsidecar.wire.errors import ClientProtocolError, ProtocolError, ServerProtocolError
-from pgsidecar.wire.frames import MAX_STARTUP_PACKET, FrameScanner, StartupReader
+from pgsidecar.wire.frames import MAX_STARTUP_PACKET, FrameScanner, MessageBuffer, StartupReader, frontend_limits
 from pgsidecar.wire.payload import typed_message
 
 MAX = 1 << 16
@@ -335,3 +337,224 @@ def test_a_wanted_message_spanning_reads_comes_out_as_bytes() -> None:
     ((t, payload),) = scanner.feed(msg[7:])
     assert t == ord("C")
     assert type(payload) is bytes and payload == b"CREATE TABLE\x00"
+
+
+# ---------------------------------------------------------------- MessageBuffer
+
+
+def test_message_buffer_header_waits_for_all_five_bytes_and_does_not_consume() -> None:
+    msg = typed_message(b"Q", b"SELECT 1\x00")
+    buf = MessageBuffer(MAX, client=True)
+    for i in range(4):
+        buf.feed(msg[i : i + 1])
+        assert buf.header() is None
+    buf.feed(msg[4:5])
+    assert buf.header() == (ord("Q"), 9)
+    assert buf.header() == (ord("Q"), 9)  # a look, not a read
+    assert buf.next() is None  # the body has not arrived
+    buf.feed(msg[5:])
+    assert buf.next() == (ord("Q"), b"SELECT 1\x00")
+    assert buf.header() is None and len(buf) == 0
+
+
+def test_message_buffer_body_across_feeds_then_the_next_message() -> None:
+    first, second = typed_message(b"P", b"x" * 1000), typed_message(b"S")
+    buf = MessageBuffer(MAX, client=True)
+    stream = first + second
+    for pos in range(0, len(stream), 97):
+        buf.feed(stream[pos : pos + 97])
+    assert buf.next() == (ord("P"), b"x" * 1000)
+    assert buf.next() == (ord("S"), b"")
+    assert buf.next() is None and not buf.pending()
+
+
+def test_message_buffer_skip_drops_a_body_that_has_not_arrived_without_buffering_it() -> None:
+    body = b"\x00" * (100 << 20)
+    msg = typed_message(b"d", body)
+    buf = MessageBuffer(1 << 30, client=True)
+    buf.feed(msg[:1000])
+    assert buf.header() == (ord("d"), len(body))
+    buf.skip_message()
+    assert buf.skipping and len(buf) == 0
+    view = memoryview(msg)
+    for pos in range(1000, len(msg), 1 << 20):
+        buf.feed(view[pos : pos + (1 << 20)])
+        assert len(buf) == 0
+    assert not buf.skipping
+    buf.feed(typed_message(b"S"))
+    assert buf.next() == (ord("S"), b"")
+
+
+def test_message_buffer_skip_of_a_whole_message_keeps_what_follows() -> None:
+    buf = MessageBuffer(MAX, client=True)
+    buf.feed(typed_message(b"B", b"abc") + typed_message(b"E", b"\x00\x00\x00\x00\x00") + b"S\x00")
+    buf.skip_message()
+    assert not buf.skipping
+    assert buf.next() == (ord("E"), b"\x00\x00\x00\x00\x00")
+    assert buf.rest() == b"S\x00"
+
+
+def test_message_buffer_skip_ending_exactly_at_a_feed_boundary() -> None:
+    msg = typed_message(b"B", b"12345")
+    buf = MessageBuffer(MAX, client=True)
+    buf.feed(msg[:5])
+    buf.skip_message()
+    buf.feed(msg[5:])
+    assert not buf.skipping and not buf.pending()
+    buf.feed(b"Q")
+    assert buf.rest() == b"Q"
+
+
+def test_message_buffer_skip_needs_a_header() -> None:
+    buf = MessageBuffer(MAX, client=True)
+    buf.feed(b"Q\x00\x00")
+    with pytest.raises(ValueError):
+        buf.skip_message()
+
+
+def test_message_buffer_discard_takes_buffered_bytes_then_bytes_to_come() -> None:
+    buf = MessageBuffer(MAX, client=True)
+    buf.discard(10)  # a message the stream is inside of: its remaining bytes
+    assert buf.skipping
+    buf.feed(b"0123456")
+    buf.feed(b"789S")
+    assert not buf.skipping and buf.rest() == b"S"
+    buf.feed(b"abcdef")
+    buf.discard(4)
+    assert buf.rest() == b"ef"
+
+
+def test_message_buffer_clear_forgets_a_skip_in_progress() -> None:
+    buf = MessageBuffer(MAX, client=True)
+    buf.discard(100)
+    buf.clear()
+    buf.feed(typed_message(b"S"))
+    assert buf.next() == (ord("S"), b"")
+
+
+def test_message_buffer_per_type_limits_with_the_scanners_words() -> None:
+    limits = frontend_limits(1 << 20)
+    buf = MessageBuffer(1 << 20, client=True, limits=limits)
+    buf.feed(b"Q" + struct.pack("!I", 1 << 20))  # a large type: up to max_len
+    assert buf.header() == (ord("Q"), (1 << 20) - 4)
+    small = MessageBuffer(1 << 20, client=True, limits=limits)
+    small.feed(b"S" + struct.pack("!I", 10001))
+    scanner = FrameScanner(b"", 1 << 20, client=True, limits=limits)
+    with pytest.raises(ClientProtocolError) as expected:
+        scanner.feed(b"S" + struct.pack("!I", 10001))
+    with pytest.raises(ClientProtocolError) as got:
+        small.header()
+    assert str(got.value) == str(expected.value)
+    assert "exceeds the limit of 10000 bytes" in str(got.value)
+
+
+@pytest.mark.parametrize("client, error", [(True, ClientProtocolError), (False, ServerProtocolError)])
+@pytest.mark.parametrize("length", [0, 3, 1001])
+def test_message_buffer_bad_length_blames_the_sender_in_the_scanners_words(
+    client: bool, error: type, length: int
+) -> None:
+    bad = b"\x01" + struct.pack("!I", length)
+    buf = MessageBuffer(1000, client=client)
+    buf.feed(bad[:2])
+    assert buf.header() is None  # nothing to judge until the length word is whole
+    buf.feed(bad[2:])
+    with pytest.raises(ProtocolError) as expected:
+        FrameScanner(b"", 1000, client=client).feed(bad)
+    for call in (buf.header, buf.next, buf.skip_message):
+        with pytest.raises(error) as got:
+            call()
+        assert str(got.value) == str(expected.value)
+        assert got.value.sqlstate == "08P01"
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    messages=st.lists(st.tuples(st.sampled_from([b"Q", b"B", b"d", b"S"]), st.binary(max_size=300)), max_size=8),
+    skip=st.lists(st.booleans(), min_size=8, max_size=8),
+    data=st.data(),
+)
+def test_message_buffer_any_split_gives_the_same_messages_and_skips(
+    messages: list[tuple[bytes, bytes]], skip: list[bool], data: st.DataObject
+) -> None:
+    stream = encode(messages)
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, len(stream)), max_size=10))))
+    buf = MessageBuffer(MAX, client=True)
+    got: list[tuple[int, bytes] | int] = []
+    start = 0
+    for end in [*cuts, len(stream)]:
+        buf.feed(stream[start:end])
+        start = end
+        while (head := buf.header()) is not None:
+            if skip[len(got)]:
+                buf.skip_message()
+                got.append(head[0])
+                continue
+            message = buf.next()
+            if message is None:
+                break
+            got.append(message)
+        assert len(buf) <= 5 + 300  # at most the message being read whole
+    expected = [t[0] if s else (t[0], body) for (t, body), s in zip(messages, skip, strict=False)]
+    assert got == expected
+    assert not buf.skipping and not buf.pending()
+
+
+# ------------------------------------------- the drop responders read their client through it
+
+
+def responder_stream() -> st.SearchStrategy[bytes]:
+    texts = st.sampled_from(["ROLLBACK", "COMMIT", "SELECT 1", "abort;", "INSERT INTO t VALUES (1)"])
+    one = st.one_of(
+        texts.map(lambda sql: fe.Query(sql).encode()),
+        texts.map(lambda sql: fe.Parse("", sql).encode()),
+        st.binary(max_size=200).map(lambda body: typed_message(b"B", body)),
+        st.binary(max_size=200).map(lambda body: typed_message(b"d", body)),
+        st.sampled_from([fe.Sync().encode(), fe.Flush().encode(), fe.Execute("").encode(), fe.Terminate().encode()]),
+        st.just(typed_message(b"Q", b"SELECT '" + b"q" * 70000 + b"'\x00")),  # too long to read whole
+    )
+    return st.lists(one, min_size=1, max_size=10).map(b"".join)
+
+
+def run_responder(responder: LocalAbortResponder | GroupAbort, reads: list[bytes]) -> tuple[bytes, bytes, bool]:
+    replies, rest, done = b"", b"", False
+    for read in reads:
+        if done:
+            rest += read
+            continue
+        reply, after, done = responder.feed(read)
+        replies += reply
+        rest += after
+        if not done:
+            assert after == b""
+            # What a responder holds: a statement text up to 64 kB, else less than a header.
+            held = len(responder._buf)
+            assert held < (65536 if isinstance(responder, LocalAbortResponder) else 5)
+    return replies, rest, done
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=responder_stream(), kind=st.integers(0, 3), cut=st.integers(0, 40), data=st.data())
+def test_responders_give_the_same_replies_for_any_split(
+    stream: bytes, kind: int, cut: int, data: st.DataObject
+) -> None:
+    """One read or many, the client hears the same and the session gets the same bytes back."""
+
+    def make() -> LocalAbortResponder | GroupAbort:
+        if kind < 2:
+            return LocalAbortResponder(owe_error=kind == 0)
+        return GroupAbort(b"E\x00\x00\x00\x04", group_open=kind == 2)
+
+    def run(reads: list[bytes]) -> tuple[bytes, bytes, bool] | str:
+        responder = make()
+        first = responder.begin_partial(ord("B"), cut)  # a Bind the drop cut, ``cut`` bytes to come
+        done = isinstance(responder, GroupAbort) and responder.done
+        try:
+            replies, rest, ended = run_responder(responder, reads) if not done else (b"", b"".join(reads), True)
+        except ClientProtocolError as exc:
+            return str(exc)
+        return first + replies, rest, ended
+
+    whole = b"\x00" * cut + stream
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, len(whole)), max_size=12))))
+    pieces = [whole[a:b] for a, b in zip([0, *cuts], [*cuts, len(whole)], strict=True)]
+    assert run(pieces) == run([whole])

@@ -9,6 +9,8 @@ point, and the session walks the list again.
 
 from __future__ import annotations
 
+import random
+
 from pgsidecar.relay import commands as cmd
 from pgsidecar.relay import events as ev
 from pgsidecar.relay.hosts import READ_ONLY_QUERY, RECOVERY_QUERY, Attrs, Role, mismatch
@@ -209,3 +211,28 @@ def test_a_cancel_goes_to_the_host_and_address_serving_the_session() -> None:
     log_in(pb, PRIMARY, address="10.0.0.2")
     out = pb.handle(ev.CancelRequested(pb.now))
     assert out == [cmd.SendCancel(BACKEND_PID, BACKEND_SECRET, host=1, address="10.0.0.2")]
+
+
+def test_load_balance_random_shuffles_the_hosts_once_per_pass_and_the_addresses_in_the_runtime() -> None:
+    """libpq 16 load_balance_hosts=random: a random host order per pass (every host once), and
+    the runtime shuffles each host's addresses (OpenServer.shuffle)."""
+    from pgsidecar.relay.hosts import HostWalk
+
+    orders = set()
+    for seed in range(20):
+        walk = HostWalk(3, Attrs.ANY, True, random.Random(seed))
+        order = [walk.host]
+        while walk.next_host():
+            order.append(walk.host)
+        assert sorted(order) == [0, 1, 2]  # each host once in a pass
+        orders.add(tuple(order))
+    assert len(orders) > 1  # not always the same order
+    pb = Playbook(host_count=3, load_balance=True)
+    pb.client_connected()
+    first = pb.client(fe.StartupMessage(dict(PARAMS)).encode())[-1]
+    assert isinstance(first, cmd.OpenServer) and first.shuffle is True
+    out = pb.handle(ev.ServerConnectFailed(pb.now, "refused", "connection refused", "ECONNREFUSED"))
+    opened = out[-1]
+    assert isinstance(opened, cmd.OpenServer) and opened.shuffle is True and opened.host != first.host
+    unbalanced = HostWalk(3, Attrs.ANY, False, random.Random(1))
+    assert [unbalanced.host, unbalanced.next_host() and unbalanced.host] == [0, 1]

@@ -273,6 +273,29 @@ def test_dns_is_resolved_on_every_call_and_addresses_tried_in_order(
     assert info.value.kind == "refused"
 
 
+def test_addresses_of_the_wrong_role_are_avoided_and_a_hostaddr_skips_dns(
+    pg: PgCluster, run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The brain avoids addresses it found with the wrong role (OpenServer.avoid); with every
+    address avoided the runtime says "skipped"; a hostaddr is dialled without resolving the host."""
+    # 127.0.0.2 is loopback too, but the server listens on 127.0.0.1 only: a refusal proves the
+    # avoided 127.0.0.1 was not dialled.
+    calls = _resolve_to(monkeypatch, "db.example", [("127.0.0.1", pg.port), ("127.0.0.2", pg.port)])
+    t = target(pg, "require", host="db.example")
+    with pytest.raises(UpstreamError) as info:
+        run(connect(t, avoid=frozenset({"127.0.0.1"})))
+    assert info.value.kind == "refused" and "127.0.0.2" in str(info.value)
+    with pytest.raises(UpstreamError) as info:
+        run(connect(t, avoid=frozenset({"127.0.0.1", "127.0.0.2"})))
+    assert info.value.kind == "skipped"
+    facts, reply = run(connect_and_greet(t, avoid=frozenset({"127.0.0.2"})))
+    assert reply == b"R" and facts.address == "127.0.0.1"
+    calls.clear()
+    numeric = target(pg, "require", host="db.example", hostaddr="127.0.0.1")
+    facts, reply = run(connect_and_greet(numeric))
+    assert reply == b"R" and facts.address == "127.0.0.1" and calls == []
+
+
 # -- keepalive and TCP_INFO on the live socket ----------------------------------------------------
 
 

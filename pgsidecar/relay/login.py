@@ -8,7 +8,7 @@ connect, every reconnect and ``pgsidecar check``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from pgsidecar.auth.md5 import md5_password
@@ -317,7 +317,11 @@ class Login:
             # libpq's sslmode=allow: plaintext first; if the server refuses it, try again with TLS.
             self.tried_tls = True
             self.exchange = None
-            return [cmd.CloseServer(), cmd.OpenServer(use_tls=True, reconnect=reconnecting)]
+            return [cmd.CloseServer(), replace(ctx.open_server(reconnect=reconnecting), use_tls=True)]
+        if error.code == sqlstate.CANNOT_CONNECT_NOW and ctx.walk.count > 1:
+            # Starting up, shutting down, or not yet accepting (a standby): with a host list, a
+            # host that cannot take connections now is passed over like one that is down.
+            return self.reconnect.host_failed(ctx.now, f"{error.code} {error.message}", error.code)
         if ctx.phase is Phase.AUTHENTICATING:
             # The server's own startup and auth errors reach the client unchanged.
             ctx.goto(Phase.CLOSED)

@@ -179,23 +179,28 @@ class Reconnect:
     def server_connect_failed(self, event: ev.ServerConnectFailed) -> list[cmd.Command]:
         """One host failed (every address it has): the next host now, as libpq does; when the
         whole list failed, back off and start again."""
+        skipped = event.kind == "skipped"
+        text = self.ctx.walk.last_mismatch if skipped else f"{event.kind}: {event.message}"
+        return self.host_failed(event.now, text, None, noted=skipped)
+
+    def host_failed(self, now: float, text: str, code: str | None, *, noted: bool = False) -> list[cmd.Command]:
+        """This host is no use now: the next one at once, or after a backoff a new pass."""
         ctx = self.ctx
-        text = ctx.walk.last_mismatch if event.kind == "skipped" else f"{event.kind}: {event.message}"
-        if event.kind != "skipped":
-            self._note_error(event.now, text)
+        if not noted:
+            self._note_error(now, text, code)
         if ctx.walk.next_host():
             self.login.reset()
             ctx.drops.attempt()
             return [cmd.CloseServer(), ctx.open_server(reconnect=ctx.phase is not Phase.AUTHENTICATING)]
         ctx.walk.restart()
-        return self.connect_failed(event.now, text, noted=event.kind != "skipped")
+        return self.connect_failed(now, text, noted=True)
 
-    def _note_error(self, now: float, text: str) -> None:
+    def _note_error(self, now: float, text: str, code: str | None = None) -> None:
         ctx = self.ctx
         if ctx.phase is Phase.AUTHENTICATING and not ctx.drops.active:
             ctx.drops.first_connect_error(text, now)
         else:
-            ctx.drops.reconnect_error(text, None)
+            ctx.drops.reconnect_error(text, code)
 
     def connect_failed(self, now: float, text: str, *, noted: bool = False) -> list[cmd.Command]:
         ctx = self.ctx

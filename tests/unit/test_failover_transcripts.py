@@ -236,3 +236,27 @@ def test_load_balance_random_shuffles_the_hosts_once_per_pass_and_the_addresses_
     assert isinstance(opened, cmd.OpenServer) and opened.shuffle is True and opened.host != first.host
     unbalanced = HostWalk(3, Attrs.ANY, False, random.Random(1))
     assert [unbalanced.host, unbalanced.next_host() and unbalanced.host] == [0, 1]
+
+
+def test_a_host_that_cannot_take_connections_now_is_passed_over() -> None:
+    """57P03 (starting up, shutting down, a standby not yet accepting) from one host of a list:
+    the next host at once, at the first login as on a reconnect."""
+    pb = Playbook(host_count=2, target_session_attrs=Attrs.READ_WRITE)
+    start(pb)
+    pb.server_connected("10.0.0.1")
+    pb.server(be.AuthenticationCleartextPassword().encode())
+    pb.client(fe.PasswordMessage(PASSWORD.encode()).encode())
+    out = pb.server(error("FATAL", "57P03", "the database system is shutting down"))
+    assert out == [cmd.CloseServer(), cmd.OpenServer(host=1)] and to_client(out) == b""
+    log_in(pb, PRIMARY, address="10.0.0.2")
+    assert pb.conn.phase is Phase.RELAYING
+
+
+def test_sslmode_allow_retries_over_tls_on_the_same_host() -> None:
+    pb = Playbook(host_count=2, allow_tls_retry=True, open_tls=False)
+    pb.client_connected()
+    assert pb.client(fe.StartupMessage(dict(PARAMS)).encode())[-1] == cmd.OpenServer(use_tls=False)
+    pb.handle(ev.ServerConnectFailed(pb.now, "refused", "connection refused", "ECONNREFUSED"))
+    pb.server_connected("10.0.0.2")
+    out = pb.server(error("FATAL", "28000", 'no pg_hba.conf entry for host "10.0.0.9", SSL off'))
+    assert out == [cmd.CloseServer(), cmd.OpenServer(use_tls=True, host=1)]

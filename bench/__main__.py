@@ -1,8 +1,10 @@
-"""`python -m bench [--quick]`: direct TLS vs PgBouncer vs pgsidecar, interleaved, in one run.
+"""`python -m bench [--quick]`: direct TLS vs the floor vs PgBouncer vs pgsidecar, interleaved.
 
 Every path runs against the same throwaway server in the same round, in rotating order, so drift
-(page cache, CPU boost, a noisy neighbour) lands on all three alike; the medians over the rounds
-are what the tables show. Results go to stdout and to bench/results.json.
+(page cache, CPU boost, a noisy neighbour) lands on all of them alike; the medians over the rounds
+are what the tables show. The floor is bench/floor.py, the bare uvloop relay, the reference for
+what any Python hop costs; the ``-unix`` paths are the floor and pgsidecar reached over a unix
+socket. A verdict line per target follows the tables. Results go to stdout and bench/results.json.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from pathlib import Path
 
 from bench import churn, scale, workloads
 from bench.report import (
+    ALL_PATHS,
     PATHS,
+    UNIX_PATHS,
     MemoryResult,
     Sample,
     format_churn,
@@ -28,8 +32,10 @@ from bench.report import (
     format_reconnect,
     format_scale,
     format_table,
+    format_verdict,
     summarize,
     to_json,
+    verdicts,
 )
 from bench.stack import Stack
 
@@ -38,7 +44,7 @@ MEMORY_COUNTS = (0, 100, 1000)
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 round, 3 s runs, scale 5: under 2 minutes")
+    parser.add_argument("--quick", action="store_true", help="1 round, 3 s runs, scale 5: about 3 minutes")
     parser.add_argument("--rounds", type=int, help="rounds (default 3, quick 1)")
     parser.add_argument("--seconds", type=int, help="seconds per pgbench run (default 10, quick 3)")
     parser.add_argument("--scale", type=int, help="pgbench scale (default 10, quick 5)")
@@ -48,6 +54,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="comma-separated: pgbench,bulk,memory,reconnect,scale,churn "
         "(scale: many clients querying through pgsidecar; churn: an idle session's reconnect "
         "while many clients connect and disconnect; both only when named)",
+    )
+    parser.add_argument(
+        "--workloads",
+        default="",
+        help="comma-separated substrings: only the pgbench workloads whose name holds one "
+        "(e.g. 'connect' or '-c1 simple,-c16 prepared'); default all",
     )
     parser.add_argument("--scale-clients", type=int, help="clients in the scale run (default 1000, quick 200)")
     parser.add_argument("--scale-seconds", type=float, help="seconds of the scale run (default 30, quick 10)")
@@ -65,6 +77,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args.seconds = args.seconds or (3 if args.quick else 10)
     args.scale = args.scale or (5 if args.quick else 10)
     args.parts = set(args.only.split(",")) if args.only else {"pgbench", "bulk", "memory", "reconnect"}
+    wanted = [w for w in args.workloads.split(",") if w]
+    args.pgbench = tuple(w for w in workloads.PGBENCH_WORKLOADS if not wanted or any(x in w.name for x in wanted))
     plan = scale.QUICK if args.quick else scale.FULL
     args.scale_plan = dataclasses.replace(
         plan,
@@ -117,8 +131,9 @@ def _raise_nofile() -> None:
 
 
 def _rotated(round_no: int) -> tuple[str, ...]:
-    shift = round_no % len(PATHS)
-    return PATHS[shift:] + PATHS[:shift]
+    """Every path once, the order shifted by one each round (the unix paths run fewer workloads)."""
+    shift = round_no % len(ALL_PATHS)
+    return ALL_PATHS[shift:] + ALL_PATHS[:shift]
 
 
 def run(args: argparse.Namespace, stack: Stack) -> int:
@@ -143,13 +158,17 @@ def run(args: argparse.Namespace, stack: Stack) -> int:
                 stack.restart_bouncer()
     for round_no in range(args.rounds):
         for path in _rotated(round_no):
+            unix = path in UNIX_PATHS
+            todo = [wl for wl in args.pgbench if wl.unix or not unix] if "pgbench" in args.parts else []
+            if not todo and (unix or "bulk" not in args.parts):
+                continue
             print(f"round {round_no + 1}/{args.rounds}: {path} ...", flush=True)
-            if "pgbench" in args.parts:
-                for wl in workloads.PGBENCH_WORKLOADS:
-                    sample = workloads.run_pgbench(stack, path, wl, args.seconds)
-                    units[wl.name] = "tps"
-                    samples.setdefault(wl.name, {p: [] for p in PATHS})[path] += [sample] if sample else []
-            if "bulk" in args.parts:
+            for wl in todo:
+                sample = workloads.run_pgbench(stack, path, wl, args.seconds)
+                units[wl.name] = "tps"
+                by_path = samples.setdefault(wl.name, {p: [] for p in PATHS})
+                by_path.setdefault(path, []).extend([sample] if sample else [])
+            if "bulk" in args.parts and not unix:
                 for name, sql in workloads.BULK_WORKLOADS:
                     sample, peak = workloads.run_bulk(stack, path, sql, sizes[sql])
                     units[name] = "MB/s"
@@ -193,6 +212,12 @@ def run(args: argparse.Namespace, stack: Stack) -> int:
         print(format_scale(scaled), end="\n\n")
     for result in churned:
         print(format_churn(result), end="\n\n")
+    judged = verdicts(summaries)
+    if judged:
+        print("against issue 13's targets (printed, not asserted):")
+        for verdict in judged:
+            print(format_verdict(verdict))
+        print()
     meta = {
         "machine": _machine(),
         "rounds": args.rounds,
@@ -203,7 +228,7 @@ def run(args: argparse.Namespace, stack: Stack) -> int:
         "bulk_bytes": {name: sizes.get(sql) for name, sql in workloads.BULK_WORKLOADS},
         "bulk_rss_growth_kib": bulk_peak,
     }
-    Path(args.output).write_text(to_json(meta, summaries, memory, reconnect, scaled, churned) + "\n")
+    Path(args.output).write_text(to_json(meta, summaries, memory, reconnect, scaled, churned, judged) + "\n")
     print(f"wrote {args.output} ({meta['elapsed_s']} s)")
     return 0
 
@@ -213,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     _raise_nofile()
     stack = Stack()
     try:
-        print("starting PostgreSQL (TLS), PgBouncer, pgsidecar ...", flush=True)
+        print("starting PostgreSQL (TLS), the floor, PgBouncer, pgsidecar ...", flush=True)
         stack.start()
         return run(args, stack)
     finally:

@@ -10,19 +10,41 @@ import json
 import statistics
 from dataclasses import asdict, dataclass, field
 
-PATHS = ("direct", "pgbouncer", "pgsidecar")
-#: The two ratios every table ends with (issue 7's targets are stated in them).
-RATIOS = (("pgsidecar", "direct"), ("pgsidecar", "pgbouncer"))
+#: The paths every round measures, in every workload: direct TLS, the bare relay (the floor:
+#: bench/floor.py, the least a uvloop hop can cost), PgBouncer and pgsidecar.
+PATHS = ("direct", "floor", "pgbouncer", "pgsidecar")
+#: The app reaching the floor and pgsidecar over a unix socket (their upstream is TLS over TCP as
+#: ever), in the workloads marked for it only. PgBouncer is compared over TCP, as the target says.
+UNIX_PATHS = ("floor-unix", "pgsidecar-unix")
+ALL_PATHS = PATHS + UNIX_PATHS
+#: Throughput ratios, each printed when both paths were measured.
+RATIOS = (
+    ("pgsidecar", "direct"),
+    ("pgsidecar", "floor"),
+    ("pgsidecar", "pgbouncer"),
+    ("pgsidecar-unix", "pgbouncer"),
+    ("pgsidecar-unix", "floor-unix"),
+)
+#: Proxy CPU per transaction ratios.
+CPU_RATIOS = (("pgsidecar", "floor"), ("pgsidecar", "pgbouncer"), ("pgsidecar-unix", "floor-unix"))
+#: Latency added per round trip over direct TLS (p50 minus direct's p50), for these paths.
+ADDED_LATENCY = ("floor", "pgbouncer", "pgsidecar", "floor-unix", "pgsidecar-unix")
 
 
 @dataclass(frozen=True, slots=True)
 class Sample:
     """One measurement of one path in one round: `value` in the workload's unit; `cpu_us` is the
-    proxy's CPU time per transaction (user + system), the cost a 2-core host pays for the hop."""
+    proxy's CPU time per transaction (user + system), the cost a 2-core host pays for the hop, and
+    `user_us` / `sys_us` its two parts; `p50_us` / `p99_us` are percentiles of the transactions'
+    own latencies (pgbench --log) where the workload logs them."""
 
     value: float
     latency_ms: float | None = None
     cpu_us: float | None = None
+    user_us: float | None = None
+    sys_us: float | None = None
+    p50_us: float | None = None
+    p99_us: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +58,12 @@ class Summary:
     latency_ms: dict[str, float | None] = field(default_factory=dict)
     cpu_us: dict[str, float | None] = field(default_factory=dict)
     ratios: dict[str, float | None] = field(default_factory=dict)
+    user_us: dict[str, float | None] = field(default_factory=dict)
+    sys_us: dict[str, float | None] = field(default_factory=dict)
+    p50_us: dict[str, float | None] = field(default_factory=dict)
+    p99_us: dict[str, float | None] = field(default_factory=dict)
+    cpu_ratios: dict[str, float | None] = field(default_factory=dict)
+    added_us: dict[str, float | None] = field(default_factory=dict)  # p50 over direct's p50
 
 
 def median(values: list[float]) -> float | None:
@@ -49,13 +77,39 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
+def _difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def _medians(samples: dict[str, list[Sample]], paths: list[str], attr: str) -> dict[str, float | None]:
+    """The median of one Sample attribute per path, over the rounds that have it."""
+    return {p: median([v for s in samples[p] if (v := getattr(s, attr)) is not None]) for p in paths}
+
+
 def summarize(name: str, unit: str, samples: dict[str, list[Sample]]) -> Summary:
-    """Medians of value and latency per path (latency median taken on its own), then the ratios."""
-    medians = {p: median([s.value for s in samples.get(p, [])]) for p in PATHS if p in samples}
-    latencies = {p: median([s.latency_ms for s in samples[p] if s.latency_ms is not None]) for p in medians}
-    cpu = {p: median([s.cpu_us for s in samples[p] if s.cpu_us is not None]) for p in medians}
+    """Medians per path of every figure (each median taken on its own), then the ratios."""
+    medians = {p: median([s.value for s in samples.get(p, [])]) for p in ALL_PATHS if p in samples}
+    paths = list(medians)
+    latencies, cpu = _medians(samples, paths, "latency_ms"), _medians(samples, paths, "cpu_us")
+    p50 = _medians(samples, paths, "p50_us")
     ratios = {f"{a}/{b}": ratio(medians.get(a), medians.get(b)) for a, b in RATIOS if a in medians and b in medians}
-    return Summary(name, unit, {p: list(v) for p, v in samples.items()}, medians, latencies, cpu, ratios)
+    cpu_ratios = {f"{a}/{b}": ratio(cpu.get(a), cpu.get(b)) for a, b in CPU_RATIOS if a in cpu and b in cpu}
+    added = {p: _difference(p50[p], p50.get("direct")) for p in ADDED_LATENCY if p in p50 and "direct" in p50}
+    return Summary(
+        name,
+        unit,
+        {p: list(v) for p, v in samples.items()},
+        medians,
+        latencies,
+        cpu,
+        ratios,
+        user_us=_medians(samples, paths, "user_us"),
+        sys_us=_medians(samples, paths, "sys_us"),
+        p50_us=p50,
+        p99_us=_medians(samples, paths, "p99_us"),
+        cpu_ratios=cpu_ratios,
+        added_us={p: v for p, v in added.items() if v is not None},
+    )
 
 
 def _num(value: float | None, digits: int = 1) -> str:
@@ -64,26 +118,151 @@ def _num(value: float | None, digits: int = 1) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+,.0f}"
+
+
 def format_table(summary: Summary) -> str:
-    """One workload: a row per path (median value, median latency, the rounds), then the ratios."""
+    """One workload: a row per path (median value, latency, proxy CPU per transaction and its user
+    and system parts, p50 / p99 of the transactions, the rounds), then the ratios."""
     lines = [
         f"== {summary.name} ({summary.unit}, median of {_rounds(summary)})",
-        f"{'path':<11}{summary.unit:>12}{'latency ms':>12}{'proxy cpu us':>14}   rounds",
+        f"{'path':<15}{summary.unit:>11}{'latency ms':>12}{'cpu us':>9}{'user':>8}{'sys':>8}"
+        f"{'p50 us':>9}{'p99 us':>9}   rounds",
     ]
     for path, value in summary.median.items():
         rounds = " ".join(_num(s.value) for s in summary.samples.get(path, []))
         lines.append(
-            f"{path:<11}{_num(value):>12}{_num(summary.latency_ms.get(path), 3):>12}"
-            f"{_num(summary.cpu_us.get(path), 1):>14}   {rounds}"
+            f"{path:<15}{_num(value):>11}{_num(summary.latency_ms.get(path), 3):>12}"
+            f"{_num(summary.cpu_us.get(path), 1):>9}{_num(summary.user_us.get(path), 1):>8}"
+            f"{_num(summary.sys_us.get(path), 1):>8}{_num(summary.p50_us.get(path), 0):>9}"
+            f"{_num(summary.p99_us.get(path), 0):>9}   {rounds}"
         )
     ratios = "   ".join(f"{name} = {_num(value, 2)}" for name, value in summary.ratios.items())
     if ratios:
-        lines.append(ratios)
+        lines.append(f"{summary.unit}: {ratios}")
+    cpu = [(name, value) for name, value in summary.cpu_ratios.items() if value is not None]
+    if cpu:
+        lines.append("cpu/txn: " + "   ".join(f"{name} = {_num(value, 2)}" for name, value in cpu))
+    if summary.added_us:
+        added = ", ".join(f"{p} {_signed(v)}" for p, v in summary.added_us.items())
+        lines.append(f"added per round trip over direct TLS (p50 us): {added}")
     return "\n".join(lines)
 
 
 def _rounds(summary: Summary) -> int:
     return max((len(v) for v in summary.samples.values()), default=0)
+
+
+# --- Verdicts against issue 13's targets: printed by `make bench`, never asserted ---
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One condition of a target: `value` against `limit` (`at_most` or at least), None if unmeasured."""
+
+    text: str
+    value: float | None
+    limit: float | None
+    at_most: bool
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None or self.limit is None:
+            return None
+        return self.value <= self.limit if self.at_most else self.value >= self.limit
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A target on one workload: met when every check is, unmeasured when any check is."""
+
+    workload: str
+    checks: tuple[Check, ...]
+
+    @property
+    def met(self) -> bool | None:
+        results = [c.met for c in self.checks]
+        if not results or any(r is None for r in results):
+            return None
+        return all(results)
+
+
+def _ratio_check(what: str, value: float | None, ref: str, limit: float, *, at_most: bool) -> Check:
+    sign = "<=" if at_most else ">="
+    return Check(f"{what} {_num(value, 2)} x {ref} (target {sign} {limit:.2f})", value, limit, at_most)
+
+
+def _offset_check(what: str, value: float | None, ref: str, ref_value: float | None, offset: float) -> Check:
+    limit = None if ref_value is None else ref_value + offset
+    text = f"{what} {_num(value, 1)} us, {ref} {_num(ref_value, 1)} + {offset:g} = {_num(limit, 1)} (target <=)"
+    return Check(text, value, limit, True)
+
+
+#: Workload names the targets are stated for (bench/workloads.py spells them so).
+C16_PREPARED = "select-only -c16 prepared"
+C1_SIMPLE = "select-only -c1 simple"
+CONNECT = "connect per txn -C -S -c4"
+
+
+def verdicts(summaries: list[Summary]) -> list[Verdict]:
+    """Issue 13's targets, for the workloads that were run:
+
+    - select-only -c16 -M prepared: tps >= 0.95 x PgBouncer, proxy CPU/txn <= 1.1 x PgBouncer;
+    - select-only -c1 -M simple: user CPU/txn <= the floor's + 1.5 us, p50 <= PgBouncer's + 10 us;
+    - over a unix socket (each workload with a pgsidecar-unix row): tps >= 1.05 x PgBouncer over TCP;
+    - -C -S -c4: connects (= transactions) per second >= 1.0 x PgBouncer.
+    """
+    by_name = {s.name: s for s in summaries}
+    out: list[Verdict] = []
+    if (c16 := by_name.get(C16_PREPARED)) is not None:
+        tps = ratio(c16.median.get("pgsidecar"), c16.median.get("pgbouncer"))
+        cpu = ratio(c16.cpu_us.get("pgsidecar"), c16.cpu_us.get("pgbouncer"))
+        out.append(
+            Verdict(
+                C16_PREPARED,
+                (
+                    _ratio_check("tps", tps, "PgBouncer", 0.95, at_most=False),
+                    _ratio_check("cpu/txn", cpu, "PgBouncer", 1.10, at_most=True),
+                ),
+            )
+        )
+    if (c1 := by_name.get(C1_SIMPLE)) is not None:
+        user, floor_user = c1.user_us.get("pgsidecar"), c1.user_us.get("floor")
+        p50, bouncer_p50 = c1.p50_us.get("pgsidecar"), c1.p50_us.get("pgbouncer")
+        out.append(
+            Verdict(
+                C1_SIMPLE,
+                (
+                    _offset_check("user cpu/txn", user, "floor", floor_user, 1.5),
+                    _offset_check("p50", p50, "PgBouncer", bouncer_p50, 10.0),
+                ),
+            )
+        )
+    for summary in summaries:
+        if "pgsidecar-unix" in summary.median:
+            tps = ratio(summary.median.get("pgsidecar-unix"), summary.median.get("pgbouncer"))
+            check = _ratio_check("unix-socket tps", tps, "PgBouncer over TCP", 1.05, at_most=False)
+            out.append(Verdict(f"{summary.name}, unix socket", (check,)))
+    if (connect := by_name.get(CONNECT)) is not None:
+        rate = ratio(connect.median.get("pgsidecar"), connect.median.get("pgbouncer"))
+        out.append(Verdict(CONNECT, (_ratio_check("connects/s", rate, "PgBouncer", 1.0, at_most=False),)))
+    return out
+
+
+def format_verdict(verdict: Verdict) -> str:
+    """One line: the workload, MET / NOT MET / NOT MEASURED, and each check with its figures."""
+    word = {True: "MET", False: "NOT MET", None: "NOT MEASURED"}[verdict.met]
+    checks = "; ".join(f"{c.text} {'ok' if c.met else 'no' if c.met is False else '?'}" for c in verdict.checks)
+    return f"verdict {verdict.workload}: {word}: {checks}"
+
+
+def verdict_json(verdict: Verdict) -> dict:
+    return {
+        "workload": verdict.workload,
+        "met": verdict.met,
+        "checks": [{"text": c.text, "value": c.value, "limit": c.limit, "met": c.met} for c in verdict.checks],
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +311,7 @@ def to_json(
     reconnect_s: list[float],
     scale: ScaleResult | None = None,
     churn: list[ChurnResult] | None = None,
+    judged: list[Verdict] | None = None,
 ) -> str:
     """Everything the tables show, plus every round, as one JSON document."""
     doc = {
@@ -151,6 +331,8 @@ def to_json(
         doc["scale"] = scale_json(scale)
     if churn:
         doc["churn"] = [asdict(c) for c in churn]
+    if judged:
+        doc["verdicts"] = [verdict_json(v) for v in judged]
     return json.dumps(doc, indent=2, sort_keys=False)
 
 

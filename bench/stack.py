@@ -1,8 +1,9 @@
-"""The three paths under test, started fresh for one run: TLS PostgreSQL, PgBouncer, pgsidecar.
+"""The paths under test, started fresh for one run: TLS PostgreSQL, the floor, PgBouncer, pgsidecar.
 
 PostgreSQL comes from pgsidecar.demo_cluster (the demo's throwaway server), re-tuned for a
 thousand idle clients. PgBouncer and PostgreSQL refuse to run as root, so both run as ``nobody``
-there. Every process is stopped by its own PID, never by name.
+there. The floor (bench/floor.py, the bare uvloop relay) and pgsidecar also listen on a unix
+socket in one directory of their own. Every process is stopped by its own PID, never by name.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from bench.report import ALL_PATHS, PATHS, UNIX_PATHS
 from pgsidecar.demo_cluster import DemoCluster, free_port
+
+#: The checkout, so `python -m bench.floor` resolves wherever the benchmark was started from.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+__all__ = ["ALL_PATHS", "PATHS", "UNIX_PATHS", "Stack", "stop_pid", "tree_cpu_s", "tree_cpu_split", "tree_rss_kib"]
 
 #: Server settings for the benchmark: room for 1000 idle clients through each proxy, plus pgbench.
 SERVER_SETTINGS = {
@@ -26,8 +33,6 @@ SERVER_SETTINGS = {
     "log_connections": "off",
     "synchronous_commit": "off",
 }
-
-PATHS = ("direct", "pgbouncer", "pgsidecar")
 
 
 def _as_nobody() -> dict:
@@ -79,27 +84,35 @@ def tree_rss_kib(pid: int) -> int:
     return total
 
 
-def tree_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process and its descendants so far (/proc/<pid>/stat)."""
+def tree_cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process (all its threads) and its descendants so far, from
+    utime and stime of /proc/<pid>/stat: clock ticks, 10 ms each at the usual CLK_TCK of 100."""
     tick = os.sysconf("SC_CLK_TCK")
-    total, todo = 0.0, [pid]
+    user, system, todo = 0.0, 0.0, [pid]
     while todo:
         current = todo.pop()
         try:
             with open(f"/proc/{current}/stat") as fh:
                 fields = fh.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (proc(5))
+            user += int(fields[11]) / tick  # utime (proc(5) field 14)
+            system += int(fields[12]) / tick  # stime (field 15)
             for task in os.listdir(f"/proc/{current}/task"):
                 with open(f"/proc/{current}/task/{task}/children") as fh:
                     todo += [int(child) for child in fh.read().split()]
         except (FileNotFoundError, ProcessLookupError):
             continue
-    return total
+    return user, system
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and its descendants so far (/proc/<pid>/stat)."""
+    return sum(tree_cpu_split(pid))
 
 
 @dataclass
 class Stack:
-    """One PostgreSQL with TLS and the two proxies in front of it; `port(path)` picks a path."""
+    """One PostgreSQL with TLS and the floor and the two proxies in front of it; `port(path)` and
+    `host(path)` pick a path (a ``-unix`` path: the same relay's unix socket)."""
 
     root: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="pgsidecar-bench-"))
     cluster: DemoCluster | None = None
@@ -108,6 +121,8 @@ class Stack:
     sidecar: subprocess.Popen | None = None
     sidecar_port: int = 0
     metrics_port: int = 0  # 0: the sidecar runs without its metrics listener
+    floor: subprocess.Popen | None = None
+    floor_port: int = 0
 
     @property
     def user(self) -> str:
@@ -118,16 +133,31 @@ class Stack:
         assert self.cluster is not None
         return self.cluster.password
 
+    @property
+    def socket_dir(self) -> str:
+        """Where the floor and pgsidecar put their unix sockets (.s.PGSQL.<their TCP port>)."""
+        return os.path.join(self.root, "sock")
+
     def port(self, path: str) -> int:
         assert self.cluster is not None
-        return {"direct": self.cluster.port, "pgbouncer": self.bouncer_port, "pgsidecar": self.sidecar_port}[path]
+        ports = {
+            "direct": self.cluster.port,
+            "floor": self.floor_port,
+            "pgbouncer": self.bouncer_port,
+            "pgsidecar": self.sidecar_port,
+        }
+        return ports[path.removesuffix("-unix")]
+
+    def host(self, path: str) -> str:
+        """libpq's host: the socket directory for a ``-unix`` path, else loopback."""
+        return self.socket_dir if path in UNIX_PATHS else "127.0.0.1"
 
     def sslmode(self, path: str) -> str:
-        """Direct is TLS (as an app without a sidecar would be); both proxies take plain loopback."""
+        """Direct is TLS (as an app without a sidecar would be); the relays take plain loopback."""
         return "require" if path == "direct" else "disable"
 
     def proxy_pid(self, path: str) -> int:
-        proc = {"pgbouncer": self.bouncer, "pgsidecar": self.sidecar}[path]
+        proc = {"floor": self.floor, "pgbouncer": self.bouncer, "pgsidecar": self.sidecar}[path.removesuffix("-unix")]
         assert proc is not None
         return proc.pid
 
@@ -135,7 +165,7 @@ class Stack:
         """libpq variables that point psql and pgbench at `path`."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PGSIDECAR_"))}
         env.update(
-            PGHOST="127.0.0.1",
+            PGHOST=self.host(path),
             PGPORT=str(self.port(path)),
             PGUSER=self.user,
             PGDATABASE="postgres",
@@ -155,8 +185,31 @@ class Stack:
         with open(os.path.join(self.cluster.datadir, "postgresql.conf"), "a") as fh:
             fh.write("".join(f"{k} = {v}\n" for k, v in SERVER_SETTINGS.items()))
         self.cluster.restart("fast")
+        os.makedirs(self.socket_dir, mode=0o755)
+        self._start_floor()
         self._start_bouncer()
         self._start_sidecar()
+
+    def _start_floor(self) -> None:
+        """The bare relay (bench/floor.py) on loopback and on a unix socket, TLS to PostgreSQL."""
+        assert self.cluster is not None
+        self.floor_port = free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.floor",
+            "--listen",
+            f"127.0.0.1:{self.floor_port}",
+            "--unix-socket-dir",
+            self.socket_dir,
+            "--upstream",
+            f"127.0.0.1:{self.cluster.port}",
+        ]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_REPO, env.get("PYTHONPATH", "")]))
+        with open(os.path.join(self.root, "floor.log"), "ab") as log:
+            self.floor = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        wait_port(self.floor_port, self.floor, "bench.floor")
 
     def restart_bouncer(self) -> None:
         """A fresh PgBouncer on the same port: session mode keeps every server link it ever made
@@ -230,6 +283,8 @@ class Stack:
             "run",
             "--listen",
             f"127.0.0.1:{self.sidecar_port}",
+            "--unix-socket-dir",
+            self.socket_dir,
             "--upstream",
             upstream,
             "--metrics",
@@ -260,6 +315,7 @@ class Stack:
         # SIGINT lets a cProfile'd sidecar write its profile; pgsidecar treats it like SIGTERM.
         stop_pid(self.sidecar, signal.SIGINT if os.environ.get("BENCH_SIDECAR_PROFILE") else signal.SIGTERM)
         stop_pid(self.bouncer, signal.SIGINT)
+        stop_pid(self.floor)
         if self.cluster is not None:
             self.cluster.destroy()
         shutil.rmtree(self.root, ignore_errors=True)

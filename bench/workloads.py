@@ -8,31 +8,37 @@ driven by the same libpq code an application would use.
 from __future__ import annotations
 
 import asyncio
+import glob
 import os
 import re
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 
 from bench.pgclient import MiniClient
-from bench.report import MemoryResult, Sample
-from bench.stack import Stack, tree_cpu_s, tree_rss_kib
+from bench.report import MemoryResult, Sample, percentiles
+from bench.stack import Stack, tree_cpu_split, tree_rss_kib
 
 
 @dataclass(frozen=True, slots=True)
 class PgbenchWorkload:
-    """One pgbench invocation; `args` exclude duration and connection settings."""
+    """One pgbench invocation; `args` exclude duration and connection settings. `latencies`: log
+    every transaction's latency (pgbench --log) for p50 / p99; `unix`: also run over the unix
+    sockets of the floor and pgsidecar."""
 
     name: str
     args: tuple[str, ...]
+    latencies: bool = False
+    unix: bool = False
 
 
 PGBENCH_WORKLOADS = (
-    PgbenchWorkload("select-only -c1 simple", ("-S", "-c1", "-j1", "-M", "simple")),
-    PgbenchWorkload("select-only -c1 prepared", ("-S", "-c1", "-j1", "-M", "prepared")),
+    PgbenchWorkload("select-only -c1 simple", ("-S", "-c1", "-j1", "-M", "simple"), latencies=True, unix=True),
+    PgbenchWorkload("select-only -c1 prepared", ("-S", "-c1", "-j1", "-M", "prepared"), latencies=True),
     PgbenchWorkload("select-only -c16 simple", ("-S", "-c16", "-j2", "-M", "simple")),
-    PgbenchWorkload("select-only -c16 prepared", ("-S", "-c16", "-j2", "-M", "prepared")),
+    PgbenchWorkload("select-only -c16 prepared", ("-S", "-c16", "-j2", "-M", "prepared"), unix=True),
     PgbenchWorkload("tpc-b -c8", ("-c8", "-j2", "-M", "simple")),
     PgbenchWorkload("connect per txn -C -S -c4", ("-C", "-S", "-c4", "-j2", "-M", "simple")),
 )
@@ -56,20 +62,49 @@ def pgbench_init(stack: Stack, scale: int) -> None:
         raise RuntimeError(f"pgbench -i failed: {out.stderr.strip()}")
 
 
+def transaction_latencies_us(prefix: str) -> list[float]:
+    """The per-transaction latencies (us) pgbench --log wrote to prefix.<pid>[.<thread>]: without
+    --aggregate-interval each line is "client_id transaction_no time script_no time_epoch time_us",
+    `time` the transaction's elapsed microseconds (pgbench docs, "Per-Transaction Logging")."""
+    values: list[float] = []
+    for name in glob.glob(glob.escape(prefix) + ".*"):
+        with open(name) as fh:
+            values += [float(fields[2]) for line in fh if len(fields := line.split()) >= 6]
+    return values
+
+
 def run_pgbench(stack: Stack, path: str, workload: PgbenchWorkload, seconds: int) -> Sample | None:
-    """One pgbench run; None (and a line on stdout) when the run failed."""
-    argv = ["pgbench", "-n", "-T", str(seconds), *workload.args]
-    pid = stack.proxy_pid(path) if path != "direct" else 0
-    cpu_before = tree_cpu_s(pid) if pid else 0.0
-    out = subprocess.run(argv, env=stack.env(path), capture_output=True, text=True, timeout=seconds + 120)
-    cpu = tree_cpu_s(pid) - cpu_before if pid else None
-    tps, latency = _TPS.search(out.stdout), _LATENCY.search(out.stdout)
-    if out.returncode != 0 or tps is None:
-        print(f"  ! {workload.name} via {path} failed (rc {out.returncode}): {out.stderr.strip()[-300:]}")
-        return None
-    txns = _TXNS.search(out.stdout)
-    per_txn = cpu / int(txns.group(1)) * 1e6 if cpu is not None and txns and int(txns.group(1)) else None
-    return Sample(float(tps.group(1)), float(latency.group(1)) if latency else None, per_txn)
+    """One pgbench run; None (and a line on stdout) when the run failed. The proxy's utime and
+    stime (/proc/<pid>/stat) are read just before and just after, and divided by the transactions."""
+    with tempfile.TemporaryDirectory(prefix="pgbench-log-") as logdir:
+        prefix = os.path.join(logdir, "txn")
+        logging = ("--log", f"--log-prefix={prefix}") if workload.latencies else ()
+        argv = ["pgbench", "-n", "-T", str(seconds), *logging, *workload.args]
+        pid = stack.proxy_pid(path) if path != "direct" else 0
+        before = tree_cpu_split(pid) if pid else (0.0, 0.0)
+        out = subprocess.run(
+            argv, env=stack.env(path), capture_output=True, text=True, timeout=seconds + 120, cwd=logdir
+        )
+        after = tree_cpu_split(pid) if pid else (0.0, 0.0)
+        tps, latency = _TPS.search(out.stdout), _LATENCY.search(out.stdout)
+        if out.returncode != 0 or tps is None:
+            print(f"  ! {workload.name} via {path} failed (rc {out.returncode}): {out.stderr.strip()[-300:]}")
+            return None
+        lat = percentiles(transaction_latencies_us(prefix), (50, 99)) if workload.latencies else {}
+    txns_match = _TXNS.search(out.stdout)
+    txns = int(txns_match.group(1)) if txns_match else 0
+    user, system = (
+        ((after[0] - before[0]) / txns * 1e6, (after[1] - before[1]) / txns * 1e6) if pid and txns else (None, None)
+    )
+    return Sample(
+        float(tps.group(1)),
+        float(latency.group(1)) if latency else None,
+        user + system if user is not None and system is not None else None,
+        user,
+        system,
+        lat.get("p50"),
+        lat.get("p99"),
+    )
 
 
 def _psql(sql: str) -> list[str]:

@@ -17,6 +17,7 @@ import hmac
 import secrets
 import stringprep
 import unicodedata
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Self
@@ -26,9 +27,12 @@ from pgsidecar.wire.errors import ClientProtocolError, ProtocolError, ServerProt
 __all__ = [
     "SCRAM_SHA_256",
     "SCRAM_SHA_256_PLUS",
+    "SaltedPasswordCache",
     "ScramClient",
     "ScramSecret",
     "ScramServer",
+    "salted_password",
+    "salted_passwords",
     "saslprep_password",
     "tls_server_end_point",
 ]
@@ -39,6 +43,7 @@ DEFAULT_ITERATIONS = 4096  # PostgreSQL's scram_iterations default
 _NONCE_BYTES = 18  # libpq's SCRAM_RAW_NONCE_LEN
 _SALT_BYTES = 16  # PostgreSQL's SCRAM_DEFAULT_SALT_LEN
 _MAX_ITERATIONS = 2**31 - 1  # scram_iterations is an int GUC
+_CACHE_ENTRIES = 64  # SaltedPasswordCache bound: distinct (password, salt, iterations) kept
 
 
 # --- SASLprep, as PostgreSQL's src/common/saslprep.c does it ---
@@ -141,6 +146,91 @@ def _attributes(
     return values
 
 
+# --- SaltedPassword := Hi(password, salt, i), computed once per process ---
+
+
+class SaltedPasswordCache:
+    """Hi(password, salt, i) (RFC 5802 section 2.2, PBKDF2-HMAC-SHA-256) per (password, salt,
+    iteration count), in memory for the life of the process: a reconnect, or a new client with the
+    same credentials, skips the 4,096 (or more) HMAC rounds, about 2 ms of CPU each time.
+
+    Bounded: at most ``maxsize`` entries (64 by default, ``_CACHE_ENTRIES``), least recently used
+    dropped first, so a server that sends a new salt on every login cannot grow it.
+
+    Keys are HMAC-SHA-256 digests of the length-prefixed triple under a random per-process key, so
+    no password is held in the clear as a dict key and a key reveals nothing without that secret.
+    The values are the salted passwords themselves, which are secret-equivalent: ClientKey, and
+    hence a valid proof, follows from one. They live only in this process's memory, are never
+    written anywhere or logged (``repr`` shows counts only), and ``clear()`` forgets them.
+
+    Used from one event loop thread; the lookup and the insert are not locked.
+    """
+
+    def __init__(self, maxsize: int = _CACHE_ENTRIES) -> None:
+        if maxsize < 1:
+            raise ValueError("a SaltedPasswordCache holds at least one entry")
+        self.maxsize = maxsize
+        self.hits = 0
+        self.misses = 0
+        self._key = secrets.token_bytes(32)  # keys the dict's slots
+        self._salt_key = secrets.token_bytes(32)  # derives salt_for(); a key of its own
+        self._entries: OrderedDict[bytes, bytes] = OrderedDict()
+
+    def _slot(self, password: bytes, salt: bytes, iterations: int) -> bytes:
+        # Length prefixes: no two different triples are encoded alike.
+        material = b"".join(
+            (
+                len(password).to_bytes(4, "big"),
+                password,
+                len(salt).to_bytes(4, "big"),
+                salt,
+                iterations.to_bytes(4, "big"),
+            )
+        )
+        return _hmac(self._key, material)
+
+    def salted_password(self, password: bytes, salt: bytes, iterations: int) -> bytes:
+        """Hi(password, salt, iterations) for the SASLprep'd ``password``, from memory if seen."""
+        slot = self._slot(password, salt, iterations)
+        found = self._entries.get(slot)
+        if found is not None:
+            self._entries.move_to_end(slot)
+            self.hits += 1
+            return found
+        self.misses += 1
+        salted = hashlib.pbkdf2_hmac("sha256", password, salt, iterations)
+        self._entries[slot] = salted
+        while len(self._entries) > self.maxsize:
+            self._entries.popitem(last=False)
+        return salted
+
+    def salt_for(self, password: bytes) -> bytes:
+        """A salt for ``password`` that stays the same for the life of the process (ScramServer's
+        default): an HMAC under a random per-process key, so it tells nothing about the password
+        and differs between processes; PostgreSQL's per-role salt likewise stays fixed until the
+        password changes."""
+        return _hmac(self._salt_key, password)[:_SALT_BYTES]
+
+    def clear(self) -> None:
+        """Forget every salted password (the counters stay)."""
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"SaltedPasswordCache({len(self)}/{self.maxsize} entries, {self.hits} hits, {self.misses} misses)"
+
+
+#: The process's one cache, used by ScramClient, ScramSecret.from_password and ScramServer.
+salted_passwords = SaltedPasswordCache()
+
+
+def salted_password(password: bytes, salt: bytes, iterations: int) -> bytes:
+    """Hi(password, salt, iterations) through the process's cache (``salted_passwords``)."""
+    return salted_passwords.salted_password(password, salt, iterations)
+
+
 @dataclass(frozen=True, slots=True)
 class ScramSecret:
     """What a server stores instead of the password (PostgreSQL's rolpassword form:
@@ -156,7 +246,7 @@ class ScramSecret:
         if not 0 < iterations <= _MAX_ITERATIONS:
             raise ValueError(f"SCRAM iteration count {iterations} is out of range")
         salt = secrets.token_bytes(_SALT_BYTES) if salt is None else salt
-        salted = hashlib.pbkdf2_hmac("sha256", saslprep_password(password), salt, iterations)
+        salted = salted_password(saslprep_password(password), salt, iterations)
         client_key = _hmac(salted, b"Client Key")
         return cls(iterations, salt, hashlib.sha256(client_key).digest(), _hmac(salted, b"Server Key"))
 
@@ -264,7 +354,7 @@ class ScramClient:
             raise ServerProtocolError("malformed SCRAM message: empty salt")
         if not iterations_text.isdigit() or not 0 < int(iterations_text) <= _MAX_ITERATIONS:
             raise ServerProtocolError(f"invalid SCRAM iteration count {iterations_text!r}")
-        salted = hashlib.pbkdf2_hmac("sha256", self._password, salt, int(iterations_text))
+        salted = salted_password(self._password, salt, int(iterations_text))
         final_without_proof = b"c=" + _b64(self._cbind_input) + b",r=" + nonce.encode("ascii")
         auth_message = b",".join((self._first_bare, bytes(server_first), final_without_proof))
         client_key = _hmac(salted, b"Client Key")
@@ -293,7 +383,10 @@ class ScramClient:
 
 class ScramServer:
     """The server side for local clients: handle_first(client_first) -> server-first,
-    handle_final(client_final) -> server-final. Offers SCRAM-SHA-256 only (no PLUS)."""
+    handle_final(client_final) -> server-final. Offers SCRAM-SHA-256 only (no PLUS).
+
+    Built from a password without a salt, it uses that password's per-process salt, so the
+    secret comes from the salted-password cache after the first client."""
 
     #: What to put in AuthenticationSASL.
     mechanisms: tuple[str, ...] = (SCRAM_SHA_256,)
@@ -306,6 +399,11 @@ class ScramServer:
         salt: bytes | None = None,
         nonce: str | None = None,
     ) -> None:
+        # Without a salt, the password's per-process one (SaltedPasswordCache.salt_for): the same
+        # for every client, so Hi() runs once per process, not once per login, as PostgreSQL's
+        # stored per-role salt does. The nonces keep each exchange fresh.
+        if salt is None:
+            salt = salted_passwords.salt_for(saslprep_password(password))
         self._init(ScramSecret.from_password(password, iterations=iterations, salt=salt), nonce)
 
     @classmethod

@@ -16,12 +16,15 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pgsidecar.auth import scram
 from pgsidecar.auth.scram import (
     SCRAM_SHA_256,
     SCRAM_SHA_256_PLUS,
+    SaltedPasswordCache,
     ScramClient,
     ScramSecret,
     ScramServer,
+    salted_passwords,
     saslprep_password,
     tls_server_end_point,
 )
@@ -415,3 +418,121 @@ def test_der_walk_raises_only_value_error(data: bytes) -> None:
 def test_protocol_errors_are_the_wire_ones() -> None:
     assert issubclass(ClientProtocolError, ProtocolError)
     assert issubclass(ServerProtocolError, ProtocolError)
+
+
+# --- The salted-password cache ---
+
+
+def _hi(password: bytes, salt: bytes, iterations: int) -> bytes:
+    return hashlib.pbkdf2_hmac("sha256", password, salt, iterations)
+
+
+def test_cache_hits_on_the_same_triple_and_returns_hi() -> None:
+    cache = SaltedPasswordCache()
+    first = cache.salted_password(b"pencil", b"salt", 4096)
+    assert first == _hi(b"pencil", b"salt", 4096)
+    assert (cache.hits, cache.misses, len(cache)) == (0, 1, 1)
+    assert cache.salted_password(b"pencil", b"salt", 4096) == first
+    assert (cache.hits, cache.misses, len(cache)) == (1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("password", "salt", "iterations"),
+    [(b"pencil", b"other salt", 4096), (b"pencil", b"salt", 4097), (b"pencil!", b"salt", 4096)],
+    ids=["salt", "iterations", "password"],
+)
+def test_cache_misses_when_any_of_the_triple_differs(password: bytes, salt: bytes, iterations: int) -> None:
+    cache = SaltedPasswordCache()
+    cache.salted_password(b"pencil", b"salt", 4096)
+    assert cache.salted_password(password, salt, iterations) == _hi(password, salt, iterations)
+    assert (cache.hits, cache.misses, len(cache)) == (0, 2, 2)
+
+
+def test_cache_keys_do_not_run_together() -> None:
+    """(b"ab", b"c") and (b"a", b"bc") concatenate alike; the length prefixes keep them apart."""
+    cache = SaltedPasswordCache()
+    cache.salted_password(b"ab", b"c", 1)
+    assert cache.salted_password(b"a", b"bc", 1) == _hi(b"a", b"bc", 1)
+    assert cache.misses == 2
+
+
+def test_cache_is_bounded_and_drops_the_least_recently_used() -> None:
+    assert SaltedPasswordCache().maxsize == 64
+    cache = SaltedPasswordCache(maxsize=3)
+    for n in range(3):
+        cache.salted_password(b"pw", bytes([n]), 1)
+    cache.salted_password(b"pw", bytes([0]), 1)  # 0 is now the most recently used
+    for n in range(3, 10):
+        cache.salted_password(b"pw", bytes([n]), 1)
+        assert len(cache) <= 3
+    assert len(cache) == 3
+    hits = cache.hits
+    cache.salted_password(b"pw", bytes([9]), 1)
+    assert cache.hits == hits + 1
+    cache.salted_password(b"pw", bytes([0]), 1)  # evicted by now
+    assert cache.hits == hits + 1
+    with pytest.raises(ValueError):
+        SaltedPasswordCache(maxsize=0)
+
+
+def test_cache_keeps_no_password_in_the_clear() -> None:
+    cache = SaltedPasswordCache()
+    cache.salted_password(b"hunter2-secret", b"salt", 1)
+    (slot,) = cache._entries  # the only key
+    assert b"hunter2" not in slot and len(slot) == 32
+    assert "hunter2" not in repr(cache) and repr(cache).startswith("SaltedPasswordCache(1/64 entries")
+    cache.clear()
+    assert len(cache) == 0
+
+
+def test_client_reuses_the_salted_password_and_the_exchange_still_verifies(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scram, "salted_passwords", SaltedPasswordCache())
+    cache = scram.salted_passwords
+    secret = ScramSecret.parse(PG15_SECRETS["pencil"])  # PostgreSQL's stored keys: no Hi() here
+    for round_no in range(3):
+        client = ScramClient("app", "pencil", mechanisms=[SCRAM_SHA_256])
+        server = ScramServer.from_secret(secret)
+        exchange(client, server)
+        assert client.done and server.done
+        assert cache.misses == 1 and cache.hits == round_no  # Hi() ran on the first login only
+    # The RFC 7677 vector, twice: the second time from the cache, byte for byte the same.
+    for _ in range(2):
+        client = rfc_client()
+        client.initial_response()
+        assert client.continue_(RFC_SERVER_FIRST) == RFC_CLIENT_FINAL
+        client.finish(RFC_SERVER_FINAL)
+        assert client.done
+    assert cache.misses == 2
+
+
+def test_a_cached_wrong_password_still_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scram, "salted_passwords", SaltedPasswordCache())
+    server_secret = ScramSecret.from_password("right", salt=b"fixed salt")
+    for _ in range(2):
+        client = ScramClient("app", "wrong", mechanisms=[SCRAM_SHA_256])
+        server = ScramServer.from_secret(server_secret)
+        with pytest.raises(ClientProtocolError, match="password authentication failed"):
+            server.handle_final(client.continue_(server.handle_first(client.initial_response())))
+    assert scram.salted_passwords.hits == 1
+
+
+def test_server_keeps_one_salt_per_password_so_logins_hit_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scram, "salted_passwords", SaltedPasswordCache())
+    cache = scram.salted_passwords
+    firsts = []
+    for _ in range(3):
+        client = ScramClient("app", "pw", mechanisms=ScramServer.mechanisms)
+        server = ScramServer("pw")
+        firsts.append(server.handle_first(client.initial_response()))
+        client.finish(server.handle_final(client.continue_(firsts[-1])))
+        assert client.done and server.done
+    salts = {first.split(b",s=")[1].split(b",")[0] for first in firsts}
+    assert len(salts) == 1 and len(base64.b64decode(salts.pop())) == 16
+    # Server and client share the one process cache here: one PBKDF2 for all six sides.
+    assert cache.misses == 1 and cache.hits == 5
+    other = ScramServer("another password").handle_first(b"n,,n=,r=abc")
+    assert other.split(b",s=")[1] != firsts[0].split(b",s=")[1]
+
+
+def test_the_process_cache_is_the_default() -> None:
+    assert isinstance(salted_passwords, SaltedPasswordCache) and salted_passwords.maxsize == 64

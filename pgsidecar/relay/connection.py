@@ -2,7 +2,10 @@
 
 A facade in the manner of h11's Connection: ``handle(event)`` looks up which handler the current
 phase gives that kind of event (an event a phase does not accept is a bug, and raises) and
-returns the handler's commands. The handlers share one typed ``SessionContext``:
+returns the handler's commands. ``client_read`` and ``server_read`` are the runtime's entries for
+the reads themselves: the same as ``handle`` with a ClientData or ServerData, but while relaying
+without the event object or the route lookup, and with None for "relay the read as it came" in
+place of its one Send command (the hot path). The handlers share one typed ``SessionContext``:
 
 - ``ClientStartup`` (relay/startup.py): startup packets, client TLS, the client's password;
 - ``Login`` (relay/login.py): the upstream login, first and again, and the sslmode=allow retry;
@@ -33,6 +36,8 @@ from pgsidecar.wire.errors import ClientProtocolError, ProtocolError
 __all__ = ["SessionPolicy", "SidecarConnection", "UnexpectedEvent"]
 
 Handler = Callable[[Any], list[cmd.Command]]
+
+_RELAYING = Phase.RELAYING
 
 
 class UnexpectedEvent(RuntimeError):
@@ -121,10 +126,36 @@ class SidecarConnection:
             raise UnexpectedEvent(f"{type(event).__name__} in phase {ctx.phase.value}")
         try:
             return route(event)
-        except ClientProtocolError as exc:
-            return ctx.fatal_to_client(exc.sqlstate, str(exc), log=f"client protocol error: {exc}")
         except ProtocolError as exc:
-            return self.reconnect.upstream_broken(event, str(exc))
+            return self._protocol_error(exc, event)
+
+    def client_read(self, now: float, data: bytes) -> list[cmd.Command] | None:
+        """``handle(ClientData(now, data))``; None: send the read to the server as it came."""
+        ctx = self.ctx
+        if ctx.phase is not _RELAYING:
+            return self.handle(ev.ClientData(now, data))
+        ctx.now = ctx.last_client_at = now
+        try:
+            return self.relay.client_read(data)
+        except ProtocolError as exc:
+            return self._protocol_error(exc, ev.ClientData(now, data))
+
+    def server_read(self, now: float, data: bytes) -> list[cmd.Command] | None:
+        """``handle(ServerData(now, data))``; None: send the read to the client as it came."""
+        ctx = self.ctx
+        if ctx.phase is not _RELAYING:
+            return self.handle(ev.ServerData(now, data))
+        ctx.now = now
+        try:
+            return self.relay.server_read(data)
+        except ProtocolError as exc:
+            return self._protocol_error(exc, ev.ServerData(now, data))
+
+    def _protocol_error(self, exc: ProtocolError, event: ev.Event) -> list[cmd.Command]:
+        """A peer broke the protocol: a client's error ends its session, a server's is a drop."""
+        if isinstance(exc, ClientProtocolError):
+            return self.ctx.fatal_to_client(exc.sqlstate, str(exc), log=f"client protocol error: {exc}")
+        return self.reconnect.upstream_broken(event, str(exc))
 
     def drain(self) -> list[cmd.Command]:
         """Shutdown, as a method for callers without a clock (the Drain event is the same)."""

@@ -17,7 +17,7 @@ from pgsidecar.relay.internal import InternalOutcome
 from pgsidecar.relay.phases import Phase
 from pgsidecar.relay.recovery import ClientStream, error_bytes, ready_bytes
 from pgsidecar.session.pending import Owner, TxStatus
-from pgsidecar.session.state import FACTS_SQL, snapshot_sql, tag_is_dirty
+from pgsidecar.session.state import DIRTY_TAGS, FACTS_SQL, snapshot_sql
 from pgsidecar.wire import backend as be
 from pgsidecar.wire import frontend as fe
 from pgsidecar.wire import sqlstate
@@ -49,6 +49,11 @@ _FRONTEND_TYPES = bytes(k for k in fe.Kind if k is not fe.Kind.PASSWORD)
 # Server messages held back while incomplete, so the client never holds part of one we may
 # withhold (the server's last words) or that a drop may cut; larger ones stream.
 _HOLD_TYPES = frozenset((_E, _N))
+# Enum members the per-read code compares with, as globals: Python 3.11 caches a global's
+# lookup, but looks a class attribute up again at every use.
+_CLIENT, _INTERNAL = Owner.CLIENT, Owner.INTERNAL
+_IDLE = TxStatus.IDLE
+_DRAINING = Phase.DRAINING
 _LISTEN_LOST = "pgsidecar reconnected to the server; notifications sent while it was disconnected may have been missed"
 
 
@@ -62,6 +67,10 @@ class Relaying:
         self.server_scan = self._server_scanner()
         self.client_prefix: bytearray | None = None  # the start of the client message in progress, if kept
         self.server_tail = b""  # the start of an incomplete server message, held back
+        # The policy is fixed for the session; read once, not per read.
+        limit = ctx.policy.check_after_idle_s
+        self._idle_check_s = limit if limit is not None and limit > 0 else 0.0
+        self._inflight_cap = ctx.policy.max_inflight_copy_bytes
 
     def _client_scanner(self) -> FrameScanner:
         limit = self.ctx.policy.max_message_bytes
@@ -116,19 +125,32 @@ class Relaying:
 
     # ------------------------------------------------------------------ client -> server
     def client_data(self, data: bytes) -> list[cmd.Command]:
+        out = self.client_read(data)
+        return [cmd.SendToServer(data)] if out is None else out
+
+    def client_read(self, data: bytes) -> list[cmd.Command] | None:
+        """One client read: None when it goes to the server whole, as it came (the hot path,
+        without a command object), else the commands to carry out."""
         ctx = self.ctx
         if ctx.responder is not None:
             return self.reconnect.answer_locally(data)
-        if ctx.pending.front is Owner.INTERNAL:
+        front = ctx.pending.front
+        if front is _INTERNAL:
             return ctx.hold(data)
-        if self._needs_check():
+        # upstream.check_after_idle: after a long idle, prove the path with one round trip first.
+        limit = self._idle_check_s
+        if limit and front is None and ctx.now - ctx.last_server_at > limit and self.at_request_boundary():
             return self._check_then_hold(data)
-        return self.relay_client(data)
+        self.relay_client(data)
+        return None
 
-    def relay_client(self, data: bytes) -> list[cmd.Command]:
+    def relay_client(self, data: bytes) -> None:
+        """Book one client read that goes to the server whole (the caller sends it): the replies
+        it earns, its statement texts, the start of a message it cuts, the in-flight record."""
         ctx = self.ctx
+        pending = ctx.pending
         scan = self.client_scan
-        if not ctx.pending and scan.at_boundary and scan.messages == scan.last_mark:
+        if pending.front is None and scan.at_boundary and scan.messages == scan.last_mark:
             # A request boundary: what is sent from here on is the next request.
             ctx.inflight = []
             ctx.inflight_bytes = 0
@@ -138,24 +160,26 @@ class Relaying:
         if not scan.at_boundary:
             self._keep_partial(data)
         for t, payload in frames:
-            if t in (_SYNC, _FCALL):
-                ctx.pending.expect(Owner.CLIENT)
+            if t == _SYNC:
+                pending.expect(_CLIENT)
             elif t == _Q:
-                ctx.pending.expect(Owner.CLIENT)
+                pending.expect(_CLIENT)
                 self._note_sql(payload)
             elif t == _P:
                 self._note_parse(payload)
+            elif t == _FCALL:
+                pending.expect(_CLIENT)
             elif t == _CLOSE:
                 if payload[:1] == b"S" and payload[1:2] != b"\x00":
                     ctx.book.dirty = True
             elif t == _TERMINATE:
                 ctx.client_terminated = True
-        if ctx.inflight is not None:
-            ctx.inflight.append(data)
+        inflight = ctx.inflight
+        if inflight is not None:
+            inflight.append(data)
             ctx.inflight_bytes += len(data)
-            if ctx.inflight_bytes > ctx.policy.max_inflight_copy_bytes:
+            if ctx.inflight_bytes > self._inflight_cap:
                 ctx.inflight = None
-        return [cmd.SendToServer(data)]
 
     def _keep_partial(self, data: bytes) -> None:
         """Keep the start of the client message this read ended inside (up to
@@ -206,18 +230,6 @@ class Relaying:
         scan = self.client_scan
         return scan.at_boundary and scan.messages == scan.last_mark
 
-    def _needs_check(self) -> bool:
-        """upstream.check_after_idle: after a long idle, prove the path with one round trip first."""
-        ctx = self.ctx
-        limit = ctx.policy.check_after_idle_s
-        return (
-            limit is not None
-            and limit > 0
-            and not ctx.pending
-            and ctx.now - ctx.last_server_at > limit
-            and self.at_request_boundary()
-        )
-
     def _check_then_hold(self, data: bytes) -> list[cmd.Command]:
         # An empty Sync earns one ReadyForQuery and runs nothing (55.2.3); if the path is dead the
         # drop is seen while the client's request is still held, so it is hidden like an idle one.
@@ -238,7 +250,8 @@ class Relaying:
             elif ctx.responder is not None:
                 out += self.reconnect.answer_locally(chunk)
             else:
-                out += self.relay_client(chunk)
+                self.relay_client(chunk)
+                out.append(cmd.SendToServer(chunk))
         return out
 
     def stream(self) -> ClientStream:
@@ -276,30 +289,44 @@ class Relaying:
 
     # ------------------------------------------------------------------ server -> client
     def server_data(self, data: bytes) -> list[cmd.Command]:
+        out = self.server_read(data)
+        return [cmd.SendToClient(data)] if out is None else out
+
+    def server_read(self, data: bytes) -> list[cmd.Command] | None:
+        """One server read: None when it goes to the client whole, as it came (the hot path,
+        without a command object), else the commands to carry out."""
         ctx = self.ctx
         before = ctx.last_server_at
         ctx.last_server_at = ctx.now
-        out = self.internal_data(data) if ctx.pending.front is Owner.INTERNAL else self.relay_server(data)
+        out = self.internal_data(data) if ctx.pending.front is _INTERNAL else self._relay_server(data)
         if ctx.last_fatal is not None or ctx.last_notice is not None:
             ctx.last_server_at = before  # the server's last words are not activity: idle_s counts to them
         return out
 
     def relay_server(self, data: bytes) -> list[cmd.Command]:
+        out = self._relay_server(data)
+        return [cmd.SendToClient(data)] if out is None else out
+
+    def _relay_server(self, data: bytes) -> list[cmd.Command] | None:
+        """Book one server read; None when all of it goes to the client unchanged and nothing
+        else is to be done, else the commands (what of it goes to the client, first)."""
         ctx = self.ctx
+        pending = ctx.pending
         idle_point = False
         scan = self.server_scan
         frames = scan.feed(data)
+        sent = data  # what the client gets: the read, less what is held back or withheld
         if self.server_tail:
-            data = self.server_tail + data
+            sent = self.server_tail + data
             self.server_tail = b""
         for t, payload in frames:
             if t == _Z:
                 if len(payload) != 1:  # 55.7 ReadyForQuery: exactly one status byte
                     raise ServerProtocolError(f"invalid ReadyForQuery message of {len(payload)} bytes")
-                ctx.pending.ready(payload[0])
-                idle_point = not ctx.pending
+                pending.ready(payload[0])
+                idle_point = pending.front is None
             elif t == _CC:
-                if tag_is_dirty(payload):
+                if payload.startswith(DIRTY_TAGS):  # session/state.py tag_is_dirty, without the call
                     ctx.book.dirty = True
             elif t in (_E, _N):
                 if self._note_server_error(t, payload):
@@ -308,23 +335,38 @@ class Relaying:
                     raw = typed_message(bytes([t]), payload)
                     if t == _E:
                         ctx.last_fatal_raw = raw
-                    data = data.replace(raw, b"", 1)
+                    sent = sent.replace(raw, b"", 1)
             elif t == _PS and not isinstance(payload, Prefix):
                 msg = be.ParameterStatus.decode(payload)
                 ctx.client_params[msg.name] = msg.value
                 if msg.name == "in_hot_standby" and msg.value == "on" and ctx.walk.attrs in NEEDS_WRITER:
                     ctx.role_lost = "the server reports in_hot_standby=on: it is a standby now"
         if not scan.at_boundary:
-            self._hold_server_tail_of(data)
-            data = data[: len(data) - len(self.server_tail)]
-        out: list[cmd.Command] = [cmd.SendToClient(data)] if data else []
-        if idle_point and ctx.pending.status is TxStatus.IDLE and scan.at_boundary and self.at_request_boundary():
-            if ctx.phase is Phase.DRAINING:
-                return out + self.drain_close()
-            if ctx.role_lost is not None and not ctx.client_terminated:
-                return out + self.reconnect.leave_server(ctx.role_lost)
-            out += self._at_idle_point()
-        return out
+            self._hold_server_tail_of(sent)
+            sent = sent[: len(sent) - len(self.server_tail)]
+        more: list[cmd.Command] = []
+        client = self.client_scan
+        # An idle point: nothing owed, no transaction, both streams between messages and the
+        # client between requests (at_request_boundary, inline).
+        if (
+            idle_point
+            and pending.status is _IDLE
+            and scan.at_boundary
+            and client.at_boundary
+            and client.messages == client.last_mark
+        ):
+            if ctx.phase is _DRAINING:
+                more = self.drain_close()
+            elif ctx.role_lost is not None and not ctx.client_terminated:
+                more = self.reconnect.leave_server(ctx.role_lost)
+            else:
+                ctx.inflight = []
+                ctx.inflight_bytes = 0
+                if ctx.book.dirty and not ctx.client_terminated:
+                    more = self._read_session_state()
+        if sent is data and sent and not more:
+            return None
+        return [cmd.SendToClient(sent), *more] if sent else more
 
     def _hold_server_tail_of(self, data: bytes) -> None:
         """The read ended inside a server message: hold its start back while it may be one we
@@ -365,14 +407,11 @@ class Relaying:
             return True
         return False
 
-    def _at_idle_point(self) -> list[cmd.Command]:
-        """Nothing owed, no transaction, the client between requests: read the exact session
-        state if it may have changed (never inside a client message or an open group)."""
+    def _read_session_state(self) -> list[cmd.Command]:
+        """An idle point (nothing owed, no transaction, the client between requests; never inside
+        a client message or an open group) after a statement that may have changed the session
+        state: read it exactly, with one query of our own."""
         ctx = self.ctx
-        ctx.inflight = []
-        ctx.inflight_bytes = 0
-        if not ctx.book.dirty or ctx.client_terminated:
-            return []
         ctx.book.dirty = False
         ctx.internal.begin(new_params=None)
         ctx.internal.expect(("snapshot",))

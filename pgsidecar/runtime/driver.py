@@ -1,6 +1,7 @@
 """Per-client driver: reads both sockets, feeds SidecarConnection, carries out its commands.
 
-asyncio Protocol callbacks, not streams: one read is one event and, on the hot path, one write.
+asyncio Protocol callbacks, not streams: one read is one call into the brain and, on the hot
+path, one write (the brain answers None for "relay it as it came": no event, no command object).
 Backpressure: a side whose write buffer passes the high-water mark pauses reading on the other.
 Nothing here decides anything about the session; the brain does.
 """
@@ -66,7 +67,21 @@ class ServerSide(asyncio.Protocol):
         transport.set_write_buffer_limits(*self.driver.sidecar.write_limits)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
-        self.driver.server_data(self, data)
+        driver = self.driver
+        if self is not driver.server:
+            return  # a socket already replaced; its last bytes belong to no one
+        driver.sidecar.tally.server_to_client += len(data)
+        if driver.failed:
+            return
+        try:
+            out = driver.brain.server_read(time.monotonic(), data)
+            if out is None:
+                if driver.client is not None:
+                    driver.client.write(data)
+            else:
+                driver.run(out)
+        except Exception:  # noqa: BLE001 - a bug ends this session only; fail() logs the traceback
+            driver.internal_error("ServerData")
 
     def eof_received(self) -> bool:
         self.saw_eof = True
@@ -129,7 +144,18 @@ class ClientDriver(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.sidecar.tally.client_to_server += len(data)
-        self.feed(ev.ClientData(time.monotonic(), data))
+        if self.failed:
+            return
+        try:
+            out = self.brain.client_read(time.monotonic(), data)
+            if out is None:
+                server = self.server
+                if server is not None and server.transport is not None:
+                    server.transport.write(data)
+            else:
+                self.run(out)
+        except Exception:  # noqa: BLE001 - a bug ends this session only; fail() logs the traceback
+            self.internal_error("ClientData")
 
     def eof_received(self) -> bool:
         return False
@@ -161,11 +187,6 @@ class ClientDriver(asyncio.Protocol):
             self.client.resume_reading()
 
     # ---------------------------------------------------------------- server socket
-    def server_data(self, side: ServerSide, data: bytes) -> None:
-        if side is self.server:
-            self.sidecar.tally.server_to_client += len(data)
-            self.feed(ev.ServerData(time.monotonic(), data))
-
     def server_lost(self, side: ServerSide, exc: Exception | None) -> None:
         if side is not self.server:
             return
@@ -187,7 +208,11 @@ class ClientDriver(asyncio.Protocol):
         try:
             self.run(self.brain.handle(event))
         except Exception:  # noqa: BLE001 - a bug ends this session only; fail() logs the traceback
-            self.fail(f"internal error in session {self.brain.ctx.peer or '?'} on {type(event).__name__}; closing it")
+            self.internal_error(type(event).__name__)
+
+    def internal_error(self, what: str) -> None:
+        """From an ``except`` block: a bug while handling ``what`` ends this session."""
+        self.fail(f"internal error in session {self.brain.ctx.peer or '?'} on {what}; closing it")
 
     def fail(self, message: str) -> None:
         """End this session after an internal error, once: log, close both sockets, free the slot."""
@@ -207,8 +232,9 @@ class ClientDriver(asyncio.Protocol):
         for command in commands:
             # Exact types, the two hot commands first; `type(...) is` also narrows for mypy.
             if type(command) is cmd.SendToServer:
-                if self.server is not None and self.server.transport is not None:
-                    self.server.transport.write(command.data)
+                server = self.server
+                if server is not None and server.transport is not None:
+                    server.transport.write(command.data)
             elif type(command) is cmd.SendToClient:
                 if self.client is not None:
                     self.client.write(command.data)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from itertools import repeat
 
 from pgsidecar.wire.errors import ServerProtocolError
 
@@ -30,24 +31,28 @@ _STATUS = {ord("I"): TxStatus.IDLE, ord("T"): TxStatus.IN_TRANSACTION, ord("E"):
 
 
 class PendingReplies:
-    """Sync points sent and not yet answered, oldest first."""
+    """Sync points sent and not yet answered, oldest first.
 
-    __slots__ = ("_queue", "status")
+    ``front`` (the oldest owner, None when nothing is owed) is a plain attribute kept in step with
+    the queue, not a property: the relay reads it on every read, and a property costs a call."""
+
+    __slots__ = ("_queue", "front", "status")
 
     def __init__(self) -> None:
         self._queue: deque[Owner] = deque()
+        self.front: Owner | None = None
         self.status = TxStatus.IDLE
 
     def __len__(self) -> int:
         return len(self._queue)
 
     def expect(self, owner: Owner, count: int = 1) -> None:
-        for _ in range(count):
-            self._queue.append(owner)
-
-    @property
-    def front(self) -> Owner | None:
-        return self._queue[0] if self._queue else None
+        queue = self._queue
+        if count == 1:
+            queue.append(owner)
+        else:
+            queue.extend(repeat(owner, count))
+        self.front = queue[0] if queue else None
 
     @property
     def client_owed(self) -> int:
@@ -58,13 +63,17 @@ class PendingReplies:
         status = _STATUS.get(status_byte)
         if status is None:
             raise ServerProtocolError(f"invalid transaction status {status_byte!r} in ReadyForQuery")
-        if not self._queue:
+        queue = self._queue
+        if not queue:
             raise ServerProtocolError("ReadyForQuery without an outstanding request")
         self.status = status
-        return self._queue.popleft()
+        owner = queue.popleft()
+        self.front = queue[0] if queue else None
+        return owner
 
     def clear(self) -> None:
         self._queue.clear()
+        self.front = None
 
     @property
     def idle(self) -> bool:

@@ -28,7 +28,6 @@ DIRTY_TAGS = (
     b"CLOSE CURSOR",
     b"LOAD",
 )
-_DIRTY_TAG_HEADS = frozenset(tag[:3] for tag in DIRTY_TAGS)
 
 # Text that changes state without a telling tag (a SELECT that calls set_config or takes a lock).
 # CREATE TEMP ... AS and SELECT ... INTO TEMP report "SELECT n"; a temporary view or sequence
@@ -45,8 +44,10 @@ _IDENTITY_SETTINGS = ("session_authorization", "role")
 
 
 def tag_is_dirty(tag_payload: bytes) -> bool:
-    """True when a CommandComplete tag may have changed session state."""
-    return tag_payload[:3] in _DIRTY_TAG_HEADS and tag_payload.rstrip(b"\x00").startswith(DIRTY_TAGS)
+    """True when a CommandComplete tag may have changed session state. The tag's closing NUL
+    needs no stripping: no DIRTY_TAGS entry holds a NUL, so a match never reaches it (the relay
+    runs this same one call inline)."""
+    return tag_payload.startswith(DIRTY_TAGS)
 
 
 def text_is_dirty(sql: bytes) -> bool:
@@ -225,11 +226,14 @@ class SessionBook:
     def note_request(self, sql: bytes) -> bool:
         """Book one statement text; True when it may commit (its outcome is then unknown if the
         connection dies under it). Exact substring prefilters run first: every pattern the
-        regexes match contains one of these words, and most requests contain none of them."""
-        low = sql.lower()
-        if b"set" in low or b"temp" in low or b"advisory" in low:
+        regexes match contains one of these words, and most requests contain none of them.
+        The words are looked for in a str: ``bytes in bytes`` first tries its operand as an int
+        and builds a TypeError each time, and ``bytes.find`` parses its arguments as a tuple;
+        latin-1 maps each byte to one character, so a match in the text is one in the bytes."""
+        low = sql.lower().decode("latin-1")
+        if "set" in low or "temp" in low or "advisory" in low:
             self.note_sql(sql)
-        return (b"commit" in low or b"end" in low or b"prepare" in low) and may_commit(sql)
+        return ("commit" in low or "end" in low or "prepare" in low) and may_commit(sql)
 
     def note_sql(self, sql: bytes) -> None:
         if text_is_dirty(sql):

@@ -60,18 +60,24 @@ class FrameScanner:
     A wanted message that lies whole in one read is returned whole (its copy is bounded by the
     read). One that spans reads is collected up to ``prefix`` bytes and returned as ``Prefix``,
     except a named Parse (``whole_named_parse``), which is kept whole for replay.
+
+    ``at_boundary`` is a plain attribute, set as each ``feed`` returns or raises: the relay reads
+    it several times per read, and a property would cost a call each time.
     """
 
     __slots__ = (
         "_body",
+        "_bounds",
         "_cap",
         "_client",
         "_head",
+        "_kinds",
         "_named_parse",
         "_size",
         "_skip",
         "_type",
         "allowed",
+        "at_boundary",
         "last_mark",
         "limits",
         "marks",
@@ -110,15 +116,21 @@ class FrameScanner:
         self._head = b""  # a header split across reads
         self._client = client
         self._named_parse = whole_named_parse
+        self.at_boundary = True
+        # Per type byte, for feed's loop: what a whole message asks for (0 skip it, 1 hand it
+        # over, 2 hand it over and mark) and the largest length word, -1 for a type refused
+        # outright, so one comparison checks both (``_refusal`` then says which it was).
+        wanted_marks = self.marks & self.wanted
+        self._kinds = [2 if t in wanted_marks else 1 if t in self.wanted else 0 for t in range(256)]
+        self._bounds = [-1 if self._refused(t) else self.limits[t] for t in range(256)]
 
     def _error(self, text: str) -> ProtocolError:
         cls = ClientProtocolError if self._client else ServerProtocolError
         return cls(text)
 
-    @property
-    def at_boundary(self) -> bool:
-        """True when the bytes fed so far end exactly at a message boundary."""
-        return self._skip == 0 and not self._head
+    def _refused(self, t: int) -> bool:
+        """A type this stream may not carry (a frontend message type PostgreSQL would reject)."""
+        return self.allowed is not None and t not in self.allowed and t not in self.wanted
 
     @property
     def partial_type(self) -> int | None:
@@ -151,54 +163,62 @@ class FrameScanner:
         self._skip = 0
         self._head = b""
         self._body = None
+        self.at_boundary = True
 
     def feed(self, data: bytes | memoryview) -> list[tuple[int, bytes]]:
         out: list[tuple[int, bytes]] = []
-        n = len(data)
-        i = 0
-        if self._skip:
-            i = self._continue_body(data, out)
-            if i >= n:
-                return out
-        if self._head:
-            need = 5 - len(self._head)
-            if n - i < need:
-                self._head += bytes(data[i:])
-                return out
-            head = self._head + bytes(data[i : i + need])
-            self._head = b""
-            t, ln = _HEADER.unpack(head)
-            i = self._start(t, ln, data, i + need, out)
-        wanted = self.wanted
-        allowed = self.allowed
-        limits = self.limits
-        unpack = _HEADER.unpack_from
-        count = 0
-        while i + 5 <= n:
-            t, ln = unpack(data, i)
-            if ln < 4 or ln > limits[t]:
-                self.messages += count
-                raise self._error(self._bad_length(t, ln))
-            end = i + 1 + ln
-            if end <= n:
-                if t in wanted:
-                    out.append((t, bytes(data[i + 5 : end])))
-                    if t in self.marks:
-                        self.last_mark = self.messages + count + 1
-                elif allowed is not None and t not in allowed:
+        try:
+            n = len(data)
+            i = 0
+            if self._skip:
+                i = self._continue_body(data, out)
+                if i >= n:
+                    return out
+            if self._head:
+                need = 5 - len(self._head)
+                if n - i < need:
+                    self._head += bytes(data[i:])
+                    return out
+                head = self._head + bytes(data[i : i + need])
+                self._head = b""
+                t, ln = _HEADER.unpack(head)
+                i = self._start(t, ln, data, i + need, out)
+            kinds = self._kinds
+            bounds = self._bounds
+            unpack = _HEADER.unpack_from
+            count = 0
+            while i + 5 <= n:
+                t, ln = unpack(data, i)
+                if ln < 4 or ln > bounds[t]:
                     self.messages += count
-                    raise self._error(f"invalid frontend message type {t}")
-                count += 1
-                i = end
-            else:
-                self.messages += count
-                count = 0
-                self._partial(t, 1 + ln, end - n, data[i + 5 : n])
-                i = n
-        self.messages += count
-        if i < n:
-            self._head = bytes(data[i:n])
-        return out
+                    raise self._error(self._refusal(t, ln))
+                end = i + 1 + ln
+                if end <= n:
+                    kind = kinds[t]
+                    if kind:
+                        body = data[i + 5 : end]  # bytes when data is; a view's slice is copied
+                        out.append((t, body if type(body) is bytes else bytes(body)))
+                        if kind == 2:
+                            self.last_mark = self.messages + count + 1
+                    count += 1
+                    i = end
+                else:
+                    self.messages += count
+                    count = 0
+                    self._partial(t, 1 + ln, end - n, data[i + 5 : n])
+                    i = n
+            self.messages += count
+            if i < n:
+                self._head = bytes(data[i:n])
+            return out
+        finally:
+            self.at_boundary = not self._skip and not self._head
+
+    def _refusal(self, t: int, ln: int) -> str:
+        """Why a header failed its one check: the length if that is wrong, else the type."""
+        if ln < 4 or ln > self.limits[t]:
+            return self._bad_length(t, ln)
+        return f"invalid frontend message type {t}"
 
     def _bad_length(self, t: int, ln: int) -> str:
         kind = chr(t) if 32 < t < 127 else f"0x{t:02x}"
@@ -209,7 +229,7 @@ class FrameScanner:
         )
 
     def _partial(self, t: int, size: int, remaining: int, head_of_body: bytes | memoryview) -> None:
-        if self.allowed is not None and t not in self.allowed and t not in self.wanted:
+        if self._refused(t):
             raise self._error(f"invalid frontend message type {t}")
         self._type = t
         self._size = size
@@ -234,7 +254,7 @@ class FrameScanner:
         """Begin a message whose header was split across reads; returns the new offset."""
         if ln < 4 or ln > self.limits[t]:
             raise self._error(self._bad_length(t, ln))
-        if self.allowed is not None and t not in self.allowed and t not in self.wanted:
+        if self._refused(t):
             raise self._error(f"invalid frontend message type {t}")
         body_len = ln - 4
         n = len(data)

@@ -1,9 +1,9 @@
 """The Playbook: one harness for every socket-free transcript of the brain (mitmproxy's habit).
 
 ``Playbook`` drives one SidecarConnection with a clock; each method feeds one event and returns
-the commands, with ``Log`` and ``NoteUpstream`` commands taken out (kept in ``pb.logs`` and ``pb.notes``) so a transcript
-pins what the session does, not what it says about it. ``ANY`` stands for a value a test does
-not pin. The helpers build what a real PostgreSQL sends; ``login`` and ``reconnect`` walk a
+the commands, with ``Log``, ``NoteUpstream`` and ``NoteParking`` commands taken out (kept in
+``pb.logs``, ``pb.notes`` and ``pb.parking``) so a transcript pins what the session does, not
+what it says about it. ``ANY`` stands for a value a test does not pin. The helpers build what a real PostgreSQL sends; ``login`` and ``reconnect`` walk a
 session through the exact commands of a login and of a reconnect.
 """
 
@@ -56,6 +56,7 @@ class Playbook:
         self.now = 1000.0
         self.logs: list[cmd.Log] = []
         self.notes: list[cmd.NoteUpstream] = []  # the server each login reached, and its role
+        self.parking: list[cmd.NoteParking] = []  # each park and unpark, for the metrics
 
     def _tick(self) -> float:
         self.now += 0.5
@@ -65,7 +66,8 @@ class Playbook:
         out = self.conn.handle(event)
         self.logs += [c for c in out if isinstance(c, cmd.Log)]
         self.notes += [c for c in out if isinstance(c, cmd.NoteUpstream)]
-        return [c for c in out if not isinstance(c, cmd.Log | cmd.NoteUpstream)]
+        self.parking += [c for c in out if isinstance(c, cmd.NoteParking)]
+        return [c for c in out if not isinstance(c, cmd.Log | cmd.NoteUpstream | cmd.NoteParking)]
 
     def client_connected(self, *, trusted: bool = True) -> list[object]:
         return self.handle(ev.ClientConnected(self._tick(), 1.7e9, "127.0.0.1:50000", trusted))

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import re
+import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -30,6 +32,7 @@ from pgsidecar.config.model import (
     CLIENT_AUTH_MODES,
     LOG_FORMATS,
     LOG_LEVELS,
+    TOKEN_PROVIDERS,
     TRANSACTION_LOSS_ACTIONS,
     AuthConfig,
     Config,
@@ -41,6 +44,7 @@ from pgsidecar.config.model import (
     ReconnectConfig,
     RelayConfig,
     ShutdownConfig,
+    SslMode,
     UpstreamConfig,
     UpstreamTarget,
 )
@@ -272,6 +276,39 @@ def _choice(options: tuple[str, ...]) -> Parser:
     return parse
 
 
+def _optional_choice(options: tuple[str, ...]) -> Parser:
+    """One of `options`, or None for null / off / none."""
+
+    def parse(value: Any) -> str | None:
+        if _is_off(value):
+            return None
+        word = value.strip().lower() if isinstance(value, str) else None
+        if word not in options:
+            raise _Invalid(f"expected one of: {', '.join(options)}, or none; got {value!r}")
+        return word
+
+    return parse
+
+
+def _argv(value: Any) -> tuple[str, ...] | None:
+    """A command run without a shell: a YAML list of arguments, or one string split as a POSIX
+    shell would split it (shlex), quotes and all. The text is never shown: it may hold a secret."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            argv = shlex.split(value)
+        except ValueError as exc:
+            raise _Invalid(f"cannot split the command into arguments: {exc}") from None
+    elif isinstance(value, list) and all(isinstance(arg, str) for arg in value):
+        argv = list(value)
+    else:
+        raise _Invalid(f"expected a list of strings or a string; got a value of type {type(value).__name__}")
+    if not argv or not argv[0]:
+        raise _Invalid("must name a program to run")
+    return tuple(argv)
+
+
 def _text(*, optional: bool, secret: bool = False) -> Parser:
     """A string. YAML numbers are refused rather than converted (YAML 1.1 reads 0123 as 83)."""
 
@@ -357,12 +394,18 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("upstream.keepalive.count", "keepalive", "count", _integer(minimum=1)),
     _Setting("upstream.keepalive.user_timeout", "keepalive", "user_timeout_s", _user_timeout),
     _Setting("upstream.check_after_idle", "upstream", "check_after_idle_s", _optional_duration),
+    _Setting("upstream.park_after", "upstream", "park_after_s", _optional_duration),
     _Setting("auth.mode", "auth", "mode", _choice(AUTH_MODES)),
     _Setting("auth.user", "auth", "user", _text(optional=True)),
     _Setting("auth.password", "auth", "password", _text(optional=True, secret=True)),
     _Setting("auth.password_file", "auth", "password_file", _text(optional=True)),
     _Setting("auth.client_auth", "auth", "client_auth", _choice(CLIENT_AUTH_MODES)),
     _Setting("auth.client_password", "auth", "client_password", _text(optional=True, secret=True)),
+    _Setting("auth.password_command", "auth", "password_command", _argv),
+    _Setting("auth.password_command_timeout", "auth", "password_command_timeout_s", _duration(positive=True)),
+    _Setting("auth.password_command_ttl", "auth", "password_command_ttl_s", _duration()),
+    _Setting("auth.token", "auth", "token", _optional_choice(TOKEN_PROVIDERS)),
+    _Setting("auth.token_region", "auth", "token_region", _text(optional=True)),
     _Setting("reconnect.deadline", "reconnect", "deadline_s", _duration()),
     _Setting("reconnect.backoff_initial", "reconnect", "backoff_initial_s", _duration(positive=True)),
     _Setting("reconnect.backoff_max", "reconnect", "backoff_max_s", _duration(positive=True)),
@@ -592,8 +635,11 @@ def _auth(auth: AuthConfig, target: UpstreamTarget) -> AuthConfig:
         if not secret:
             raise ConfigError("auth.password_file", f"{auth.password_file} is empty")
         auth = dataclasses.replace(auth, password=secret)
+    fetched = _check_fetched_password(auth, target)
     if auth.mode == "configured":
-        auth = dataclasses.replace(auth, user=auth.user or target.user, password=auth.password or target.password)
+        # A password fetched per connect replaces a password in the DSN / PGPASSWORD.
+        password = None if fetched else auth.password or target.password
+        auth = dataclasses.replace(auth, user=auth.user or target.user, password=password)
         if auth.user is None:
             raise ConfigError(
                 "auth.user",
@@ -602,6 +648,53 @@ def _auth(auth: AuthConfig, target: UpstreamTarget) -> AuthConfig:
     if auth.client_auth == "scram" and auth.client_password is None:
         raise ConfigError("auth.client_password", "auth.client_auth is scram but auth.client_password is not set")
     return auth
+
+
+# auth.token -> the modules its extra installs: the cloud's own maintained library (and, for
+# google-auth, the HTTP transport its token refresh uses).
+_TOKEN_MODULES = {"aws": ("botocore",), "gcp": ("google.auth", "requests"), "azure": ("azure.identity",)}
+# Tokens are bearer secrets: they travel only over TLS (libpq's sslmode=require or stronger).
+_TLS_REQUIRED = (SslMode.REQUIRE, SslMode.VERIFY_CA, SslMode.VERIFY_FULL)
+
+
+def _importable(module: str) -> bool:
+    """Whether `module` could be imported, without importing it (its parent package is)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _check_fetched_password(auth: AuthConfig, target: UpstreamTarget) -> bool:
+    """auth.password_command and auth.token: one at most, configured mode only, no fixed password
+    beside them; a token needs its extra installed and TLS upstream. True if either is set."""
+    if auth.password_command is not None and auth.token is not None:
+        raise ConfigError("auth.token", "set auth.password_command or auth.token, not both")
+    if auth.token_region is not None and auth.token != "aws":
+        raise ConfigError("auth.token_region", "is used only with auth.token: aws")
+    key = "auth.password_command" if auth.password_command is not None else "auth.token" if auth.token else None
+    if key is None:
+        return False
+    if auth.mode != "configured":
+        raise ConfigError(key, f"needs auth.mode: configured (pgsidecar logs in upstream itself); got {auth.mode}")
+    if auth.password is not None:
+        fixed = "auth.password_file" if auth.password_file is not None else "auth.password"
+        raise ConfigError(key, f"set {fixed} or {key}, not both")
+    if auth.token is not None:
+        missing = [m for m in _TOKEN_MODULES[auth.token] if not _importable(m)]
+        if missing:
+            raise ConfigError(
+                "auth.token",
+                f"auth.token is {auth.token} but {', '.join(missing)} is not installed: "
+                f"pip install 'pgsidecar[{auth.token}]'",
+            )
+        if target.sslmode not in _TLS_REQUIRED:
+            raise ConfigError(
+                "auth.token",
+                f"a token is a password: it needs TLS upstream, sslmode=require or stronger "
+                f"(upstream.dsn or PGSSLMODE); got sslmode={target.sslmode.value}",
+            )
+    return True
 
 
 def _check(config: Config) -> None:

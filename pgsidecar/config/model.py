@@ -227,16 +227,25 @@ class UpstreamConfig:
     target: UpstreamTarget
     keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig)
     check_after_idle_s: float | None = None
+    # Close the upstream of a session idle this long (between transactions, rebuildable state
+    # only); its next request reconnects and replays. None: never.
+    park_after_s: float | None = None
 
 
 AUTH_MODES = ("passthrough", "configured")
 CLIENT_AUTH_MODES = ("trust", "scram")
+# auth.token: the cloud whose own library mints the upstream password (an optional extra each).
+TOKEN_PROVIDERS = ("aws", "gcp", "azure")
 
 
 @dataclass(frozen=True, slots=True)
 class AuthConfig:
     """How pgsidecar authenticates upstream (`mode`) and how it checks local clients
-    (`client_auth`, used in `configured` mode). Secrets never show in repr."""
+    (`client_auth`, used in `configured` mode). Secrets never show in repr.
+
+    In `configured` mode the upstream password is `password` (or `password_file`'s content),
+    or fetched afresh for every upstream connect: `password_command`'s stdout (cached for
+    `password_command_ttl_s`; 0 runs it every time) or a cloud IAM token (`token`)."""
 
     mode: str = "passthrough"
     user: str | None = None
@@ -244,6 +253,11 @@ class AuthConfig:
     password_file: str | None = None
     client_auth: str = "trust"
     client_password: str | None = field(default=None, repr=False)
+    password_command: tuple[str, ...] | None = field(default=None, repr=False)  # argv, run without a shell
+    password_command_timeout_s: float = 10.0
+    password_command_ttl_s: float = 0.0
+    token: str | None = None  # one of TOKEN_PROVIDERS
+    token_region: str | None = None  # aws: the region the token is signed for (default: AWS_REGION, botocore's)
 
 
 TRANSACTION_LOSS_ACTIONS = ("error", "close")

@@ -19,6 +19,9 @@ from pgsidecar.drops.record import DropRecord
 
 # Reconnects usually take milliseconds (terminate, reset) or seconds (restart, failover).
 RECONNECT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# An unpark is a connect, a login and a replay: a few milliseconds near the server, more over TLS
+# or across a region; seconds only when the server was away.
+UNPARK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 # The classic text format every Prometheus version reads (newer clients default to 1.0.0).
 TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
@@ -59,6 +62,9 @@ class Watched(Protocol):
     @property
     def drivers(self) -> Iterable[_Session]: ...
 
+    @property
+    def parked_sessions(self) -> int: ...
+
 
 class _LiveCollector:
     """Metrics whose value is the current state, read at scrape time."""
@@ -85,6 +91,11 @@ class _LiveCollector:
         up.add_metric(["connected"], sum(1 for d in drivers if d.server is not None))
         up.add_metric(["connecting"], sum(1 for d in drivers if d.connecting is not None))
         yield up
+        yield GaugeMetricFamily(
+            "pgsidecar_parked_sessions",
+            "Sessions whose upstream pgsidecar closed while idle (upstream.park_after), until unparked.",
+            value=watched.parked_sessions,
+        )
         moved = CounterMetricFamily("pgsidecar_bytes", "Bytes relayed, counted per read batch.", labels=["direction"])
         moved.add_metric(["client_to_server"], tally.client_to_server)
         moved.add_metric(["server_to_client"], tally.server_to_client)
@@ -141,6 +152,18 @@ class Metrics:
             ["role"],
             registry=reg,
         )
+        self.parks = Counter(
+            "pgsidecar_parks", "Idle sessions whose upstream pgsidecar closed (upstream.park_after).", registry=reg
+        )
+        self.unparks = Counter(
+            "pgsidecar_unparks", "Parked sessions whose next request reopened the upstream.", registry=reg
+        )
+        self.unpark_duration = Histogram(
+            "pgsidecar_unpark_seconds",
+            "From a parked session's next request to its replayed new connection (then the request runs).",
+            buckets=UNPARK_BUCKETS,
+            registry=reg,
+        )
         self._current_role: tuple[str, str, str] | None = None
         build = Gauge("pgsidecar_build_info", "pgsidecar version; always 1.", ["version"], registry=reg)
         build.labels(version).set(1)
@@ -163,6 +186,14 @@ class Metrics:
             self.upstream_role.remove(*self._current_role)
         self.upstream_role.labels(*now).set(1)
         self._current_role = now
+
+    def parking_noted(self, parked: bool, unpark_s: float | None) -> None:
+        """A session parked, or unparked (``unpark_s``: how long its first request waited)."""
+        if parked:
+            self.parks.inc()
+        elif unpark_s is not None:
+            self.unparks.inc()
+            self.unpark_duration.observe(unpark_s)
 
     def client_error(self, code: str) -> None:
         self.client_errors.labels(code).inc()

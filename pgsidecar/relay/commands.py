@@ -14,6 +14,7 @@ class TimerName(enum.StrEnum):
     STARTUP = "startup"  # listen.startup_timeout: startup packets and the client's password
     BACKOFF = "backoff"  # the jittered wait before the next reconnect attempt
     DEADLINE = "deadline"  # reconnect.deadline: give up and tell the client
+    PARK = "park"  # upstream.park_after: is the session idle enough to park? (one per session)
 
 
 class LogLevel(enum.StrEnum):
@@ -154,6 +155,15 @@ class NoteUpstream:
 
 
 @dataclass(frozen=True, slots=True)
+class NoteParking:
+    """The session parked (its upstream closed by pgsidecar while idle) or unparked, for the
+    parking metrics. ``unpark_s``: from the client's first byte to the replay done."""
+
+    parked: bool
+    unpark_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class SendCancel:
     """Cancel the request running on the backend that serves the session now (its real key),
     at the host and address that serve it."""
@@ -181,4 +191,5 @@ Command = (
     | RegisterCancelKey
     | SendCancel
     | NoteUpstream
+    | NoteParking
 )

@@ -12,7 +12,9 @@ place of its one Send command (the hot path). The handlers share one typed ``Ses
 - ``Relaying`` (relay/relaying.py): the hot path, one method per direction, and pgsidecar's
   own queries;
 - ``Reconnect`` (relay/reconnect.py): the drop decision (docs/session-rules.md), backoff,
-  deadline, replay, resend and the local answers for a client whose transaction was lost.
+  deadline, replay, resend and the local answers for a client whose transaction was lost;
+- ``Parking`` (relay/parking.py): upstream.park_after, an idle session's upstream closed until
+  its next request, which reopens it through the reconnect path.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pgsidecar.relay.commands import TimerName
 from pgsidecar.relay.context import SessionContext, SessionPolicy
 from pgsidecar.relay.hosts import HostWalk
 from pgsidecar.relay.login import Login
+from pgsidecar.relay.parking import Parking
 from pgsidecar.relay.phases import Phase
 from pgsidecar.relay.reconnect import Reconnect
 from pgsidecar.relay.relaying import Relaying
@@ -55,14 +58,16 @@ class SidecarConnection:
         self.reconnect = Reconnect(ctx, self.relay)
         self.login = Login(ctx, self.relay, self.reconnect)
         self.startup = ClientStartup(ctx, self.login)
+        self.parking = Parking(ctx, self.relay, self.reconnect)
         self.relay.reconnect = self.reconnect
         self.reconnect.login = self.login
+        self.reconnect.parking = self.parking
         self.login.startup = self.startup
         self._routes = self._route_table()
 
     def _route_table(self) -> dict[Phase, dict[type, Handler]]:
         """Which events each phase accepts, and who handles them."""
-        startup, login, relay, reconnect = self.startup, self.login, self.relay, self.reconnect
+        startup, login, relay, reconnect, parking = self.startup, self.login, self.relay, self.reconnect, self.parking
         always: dict[type, Handler] = {
             ev.Timer: self._timer,
             ev.ClientClosed: reconnect.client_closed,
@@ -107,6 +112,13 @@ class SidecarConnection:
                 **upstream,
                 ev.ClientData: lambda e: reconnect.client_waiting(e.data),
                 ev.ServerData: lambda e: relay.server_data(e.data),
+            },
+            # No upstream: the next request unparks; what the closed socket still says is no drop.
+            Phase.PARKED: {
+                **always,
+                ev.ClientData: lambda e: parking.client_data(e.data),
+                ev.ServerData: lambda e: [],
+                ev.ServerClosed: lambda e: [],
             },
             # Closed: the runtime may still deliver what was already under way; nothing is done.
             Phase.CLOSED: {kind: lambda e: [] for kind in _EVENT_TYPES},
@@ -166,6 +178,8 @@ class SidecarConnection:
             if self.ctx.phase in (Phase.STARTUP, Phase.AUTHENTICATING):
                 return self.startup.timeout()
             return []
+        if event.name == TimerName.PARK:
+            return self.parking.timer()
         return self.reconnect.timer(event)
 
     def _drain(self, event: ev.Drain) -> list[cmd.Command]:
@@ -177,7 +191,7 @@ class SidecarConnection:
             return self.relay.drain()
         if phase is Phase.DRAINING:
             return []
-        # Logging in or reconnecting: nothing is in flight that a wait could finish.
+        # Logging in, reconnecting or parked: nothing is in flight that a wait could finish.
         return self.relay.drain_close()
 
     def _cancel(self, event: ev.CancelRequested) -> list[cmd.Command]:

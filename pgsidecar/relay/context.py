@@ -52,6 +52,8 @@ class SessionPolicy:
     host_count: int = 1
     target_session_attrs: Attrs = Attrs.ANY
     load_balance: bool = False
+    # upstream.park_after: close the upstream of a session idle this long (None: never).
+    park_after_s: float | None = None
 
 
 @dataclass(slots=True)

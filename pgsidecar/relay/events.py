@@ -61,6 +61,8 @@ class ServerConnected:
     cert_fingerprint: str | None = None
     facts: ConnectionFacts = field(default_factory=lambda: ConnectionFacts())
     cert_der: bytes | None = None  # the server certificate; the brain derives channel binding from it
+    # configured mode: the password fetched for this connect (auth.password_command, auth.token).
+    password: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -226,6 +226,8 @@ class Login:
         ctx.facts = ConnectionFacts(**event.facts)
         ctx.connected_wall, ctx.connected_at = event.wall, event.now
         ctx.last_server_at = event.now
+        if event.password is not None:
+            ctx.password = event.password  # fetched for this connect: it serves until a newer one comes
         # Channel binding is derived from the certificate in one place: UpstreamLogin.
         self.exchange = UpstreamLogin(
             ctx.params, ctx.password, channel_binding=event.channel_binding, cert_der=event.cert_der

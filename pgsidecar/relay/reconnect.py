@@ -27,6 +27,7 @@ from pgsidecar.wire.frames import FrameScanner
 
 if TYPE_CHECKING:
     from pgsidecar.relay.login import Login, LoginResult
+    from pgsidecar.relay.parking import Parking
     from pgsidecar.relay.relaying import Relaying
 
 
@@ -37,6 +38,7 @@ class Reconnect:
         self.ctx = ctx
         self.relay = relay
         self.login: Login  # wired by the facade
+        self.parking: Parking  # wired by the facade: an unpark is a reconnect without a drop
         self.backoff_pending = False
         self.deadline_armed = False  # a waiting request's reconnect.deadline is running
 
@@ -303,6 +305,7 @@ class Reconnect:
         ctx = self.ctx
         ctx.goto(Phase.RELAYING)
         out = self.relay.parameters_changed()
+        out += self.parking.replayed()  # an unpark has no drop book: finish_drop records nothing
         out += self.finish_drop(impact=ctx.drops.impact or "transparent", succeeded=True)
         resend = ctx.drops.resend
         ctx.drops.resend = None

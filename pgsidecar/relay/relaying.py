@@ -114,6 +114,9 @@ class Relaying:
             cmd.SendToClient(bytes(hello)),
             cmd.SendToServer(fe.Query(FACTS_SQL.decode()).encode()),
         ]
+        park_after = ctx.policy.park_after_s
+        if park_after:  # upstream.park_after: one timer per session (relay/parking.py)
+            out.append(cmd.SetTimer(cmd.TimerName.PARK, park_after))
         if result.leftover:
             out += self.internal_data(result.leftover)
         return out

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from pgsidecar.relay import commands as cmd
 from pgsidecar.relay import events as ev
 from pgsidecar.relay.connection import SidecarConnection
+from pgsidecar.runtime.credentials import CredentialError
 from pgsidecar.runtime.upstream import ERRNO_KINDS, UpstreamError, open_upstream, tcp_info
 from pgsidecar.wire.ending import SocketEnd
 
@@ -276,6 +277,8 @@ class ClientDriver(asyncio.Protocol):
             self.sidecar.send_cancel(command.pid, command.secret, command.host, command.address)
         elif isinstance(command, cmd.NoteUpstream):
             self.sidecar.note_upstream(command.host, command.address, command.role, command.fits)
+        elif isinstance(command, cmd.NoteParking):
+            self.sidecar.note_parking(self, command.parked, command.unpark_s)
         elif isinstance(command, cmd.Log):
             getattr(log, command.level)(command.message)
         else:
@@ -342,11 +345,20 @@ class ClientDriver(asyncio.Protocol):
 
     async def _connect_once(self, command: cmd.OpenServer) -> None:
         side = ServerSide(self)
+        target = self.sidecar.target.at(command.host)
+        source = self.sidecar.password_source_for(self.brain.ctx.policy)
+        password: str | None = None
         try:
             # The brain's reconnect mark picks the gate's class: reconnects go before first logins.
             async with self.sidecar.connect_slots.slot(command.reconnect):
+                if source is not None:
+                    # Fetched for every connect, inside the slot: at most max_concurrent at once.
+                    try:
+                        password = await source.password(target.host, target.port)
+                    except CredentialError as exc:
+                        raise UpstreamError("auth", str(exc)) from None
                 transport, _, facts = await open_upstream(
-                    self.sidecar.target.at(command.host),
+                    target,
                     self.sidecar.keepalive,
                     lambda: side,
                     ssl_context=self.sidecar.upstream_tls_context,
@@ -367,7 +379,7 @@ class ClientDriver(asyncio.Protocol):
             transport.close()
             return
         self.server = side
-        self.feed(self.sidecar.connected_event(facts))
+        self.feed(self.sidecar.connected_event(facts, password))
 
     def _close_server(self, *, abort: bool = False) -> None:
         if self.connecting is not None:

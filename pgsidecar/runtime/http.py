@@ -187,6 +187,7 @@ async def start_http(app: Any) -> Operations:
     sidecar.on_client_error = metrics.client_error
     sidecar.on_upstream = health.upstream_result
     sidecar.on_role = metrics.upstream_noted
+    sidecar.on_parking = metrics.parking_noted
     drops = getattr(app, "drops", None)
     if drops is not None:
         drops.on_record = metrics.drop_recorded

@@ -14,6 +14,7 @@ from pgsidecar.relay import events as ev
 from pgsidecar.relay.commands import DropFacts
 from pgsidecar.relay.connection import SessionPolicy
 from pgsidecar.relay.hosts import Attrs
+from pgsidecar.runtime.credentials import PasswordSource, password_source
 from pgsidecar.runtime.driver import ClientDriver
 from pgsidecar.runtime.gate import ConnectGate
 from pgsidecar.runtime.tls import local_server_context, upstream_context
@@ -50,6 +51,7 @@ def policy_from_config(config: Config) -> SessionPolicy:
         host_count=len(target.hosts),
         target_session_attrs=Attrs(target.target_session_attrs.value),
         load_balance=target.load_balance_hosts is LoadBalanceHosts.RANDOM,
+        park_after_s=config.upstream.park_after_s,
     )
 
 
@@ -59,6 +61,7 @@ class Sidecar:
     def __init__(self, config: Config, *, on_drop: Callable[[ClientDriver, DropFacts], object] | None = None) -> None:
         self.config = config
         self.policy = policy_from_config(config)
+        self.password_source = password_source(config.auth, config.upstream.target)
         self.target = config.upstream.target
         self.keepalive = config.upstream.keepalive
         self.client_tls_context = local_server_context(config.listen)
@@ -79,6 +82,8 @@ class Sidecar:
         self.on_client_error: Callable[[str], None] | None = None  # SQLSTATE pgsidecar sent
         self.on_upstream: Callable[[bool, str | None], None] | None = None  # connect outcome
         self.on_role: Callable[[str, str, str, bool], None] | None = None  # a login's server and role
+        self.on_parking: Callable[[bool, float | None], None] | None = None  # parked, or unparked in s
+        self.parked: set[ClientDriver] = set()  # sessions parked (upstream.park_after), until unparked
 
     # ---------------------------------------------------------------- listeners
     async def start(self) -> None:
@@ -135,10 +140,19 @@ class Sidecar:
 
     def unregister(self, driver: ClientDriver) -> None:
         self.drivers.discard(driver)
+        self.parked.discard(driver)
         if driver.cancel_key is not None and self.by_key.get(driver.cancel_key) is driver:
             del self.by_key[driver.cancel_key]
 
-    def connected_event(self, facts: UpstreamFacts) -> ev.ServerConnected:
+    def password_source_for(self, policy: SessionPolicy) -> PasswordSource | None:
+        """Where a session's connects get the upstream password: the current source, unless the
+        session was opened (before a reload) in passthrough mode or for another upstream user;
+        such a session keeps the password it has."""
+        if policy.upstream_user is None or policy.upstream_user != self.policy.upstream_user:
+            return None
+        return self.password_source
+
+    def connected_event(self, facts: UpstreamFacts, password: str | None = None) -> ev.ServerConnected:
         cert = facts.cert
         if cert is not None:
             self.tally.cert_not_after = cert.not_after
@@ -163,6 +177,7 @@ class Sidecar:
             cert.fingerprint_sha256 if cert else None,
             record,
             cert.der if cert else None,
+            password,
         )
 
     def connect_failed(self, error: UpstreamError) -> None:
@@ -185,6 +200,20 @@ class Sidecar:
     def note_upstream(self, host: str, address: str, role: str, fits: bool) -> None:
         if self.on_role is not None:
             self.on_role(host, address, role, fits)
+
+    def note_parking(self, driver: ClientDriver, parked: bool, unpark_s: float | None) -> None:
+        """A session parked or unparked: the gauge counts the parked set at scrape time (a session
+        that ends parked leaves it in unregister), the counters and histogram go to metrics."""
+        if parked:
+            self.parked.add(driver)
+        else:
+            self.parked.discard(driver)
+        if self.on_parking is not None:
+            self.on_parking(parked, unpark_s)
+
+    @property
+    def parked_sessions(self) -> int:
+        return len(self.parked)
 
     def send_cancel(self, pid: int, secret: bytes, host: int = 0, address: str | None = None) -> None:
         task = asyncio.ensure_future(self._send_cancel(pid, secret, host, address))
@@ -227,6 +256,8 @@ class Sidecar:
             self.config.listen.unix_socket_dir,
         ):
             log.warning("reload: listen address changes take effect only after a restart")
+        if (config.auth, config.upstream.target) != (self.config.auth, self.config.upstream.target):
+            self.password_source = password_source(config.auth, config.upstream.target)  # a new cache too
         self.config = config
         self.policy = policy_from_config(config)
         self.target = config.upstream.target

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pgsidecar.config.model import Config, UpstreamTarget
 from pgsidecar.relay.hosts import Attrs, Role, mismatch
 from pgsidecar.relay.login import UpstreamLogin
+from pgsidecar.runtime.credentials import CredentialError, password_source
 from pgsidecar.runtime.tls import upstream_context
 from pgsidecar.runtime.upstream import UpstreamError, UpstreamFacts, keepalive_readback, open_upstream
 from pgsidecar.wire import frontend as fe
@@ -51,6 +52,13 @@ async def check_upstream(
     if not user:
         raise CheckFailed("no user to log in with: set it in upstream.dsn, PGUSER or auth.user")
     params = {"user": user, "database": dbname or target.dbname or user, "application_name": "pgsidecar check"}
+    if password is None:
+        source = password_source(config.auth, target)  # a command or a cloud token: minted now
+        if source is not None:
+            try:
+                password = await source.password(target.host, target.port)
+            except CredentialError as exc:
+                raise CheckFailed(f"could not get the upstream password: {exc}") from None
     collector = _Collector()
     transport, _, facts = await open_upstream(
         target,

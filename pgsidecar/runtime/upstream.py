@@ -34,6 +34,7 @@ ERROR_KINDS = (
     "ssl_rejected",
     "protocol",
     "skipped",  # every address left was found with the wrong role (target_session_attrs)
+    "auth",  # no password for this connect: auth.password_command or auth.token failed (runtime/credentials.py)
 )
 
 #: errno -> kind, for a failed connect and (runtime/driver.py) for an established socket's end.

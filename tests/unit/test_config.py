@@ -713,3 +713,140 @@ def test_kernel_somaxconn_reads_the_file_and_falls_back(tmp_path: Path) -> None:
         assert kernel_somaxconn(str(file)) == FALLBACK_BACKLOG == 4096
     assert kernel_somaxconn(str(tmp_path / "missing")) == FALLBACK_BACKLOG
     assert ListenConfig(backlog=7).effective_backlog == 7
+
+
+# ---------------------------------------------------------------- auth.password_command, auth.token
+
+CONFIGURED = {"PGSIDECAR_AUTH_MODE": "configured", "PGUSER": "svc"}
+TLS_UPSTREAM = {**CONFIGURED, "PGSSLMODE": "require"}
+
+
+def test_password_command_as_a_list_or_a_string(tmp_path: Path) -> None:
+    config = load(
+        """
+        auth:
+          mode: configured
+          user: svc
+          password_command: [vault, read, -field=password, "secret/db pw"]
+        """,
+        tmp_path=tmp_path,
+    )
+    auth = config.auth
+    assert auth.password_command == ("vault", "read", "-field=password", "secret/db pw")
+    assert (auth.password_command_timeout_s, auth.password_command_ttl_s, auth.password) == (10.0, 0.0, None)
+    assert "vault" not in repr(auth)
+    split = load(env={**CONFIGURED, "PGSIDECAR_AUTH_PASSWORD_COMMAND": "/bin/get-pw --name 'db one'"})
+    assert split.auth.password_command == ("/bin/get-pw", "--name", "db one")
+    timed = load(
+        env={
+            **CONFIGURED,
+            "PGSIDECAR_AUTH_PASSWORD_COMMAND": "get-pw",
+            "PGSIDECAR_AUTH_PASSWORD_COMMAND_TIMEOUT": "2s",
+            "PGSIDECAR_AUTH_PASSWORD_COMMAND_TTL": "5m",
+        }
+    )
+    assert (timed.auth.password_command_timeout_s, timed.auth.password_command_ttl_s) == (2.0, 300.0)
+
+
+def test_password_command_replaces_the_dsn_password() -> None:
+    config = load(env={**CONFIGURED, "PGPASSWORD": "from-env", "PGSIDECAR_AUTH_PASSWORD_COMMAND": "get-pw"})
+    assert config.auth.password is None and config.auth.user == "svc"
+
+
+@pytest.mark.parametrize(
+    ("yaml_value", "problem"),
+    [
+        ("[]", "must name a program to run"),
+        ('""', "must name a program to run"),
+        ("[get-pw, 3]", "expected a list of strings or a string; got a value of type list"),
+        ("{a: b}", "expected a list of strings or a string; got a value of type dict"),
+        ('"get-pw \'unclosed"', "cannot split the command into arguments: No closing quotation"),
+    ],
+)
+def test_password_command_errors(tmp_path: Path, yaml_value: str, problem: str) -> None:
+    err = load_error(f"auth:\n  mode: configured\n  user: svc\n  password_command: {yaml_value}\n", tmp_path=tmp_path)
+    assert err.key == "auth.password_command" and err.problem == problem
+
+
+def test_password_command_and_token_rules() -> None:
+    err = load_error(env={"PGUSER": "svc", "PGSIDECAR_AUTH_PASSWORD_COMMAND": "get-pw"})
+    assert err.key == "auth.password_command" and "needs auth.mode: configured" in err.problem
+    err = load_error(env={**CONFIGURED, "PGSIDECAR_AUTH_PASSWORD": "x", "PGSIDECAR_AUTH_PASSWORD_COMMAND": "get-pw"})
+    assert (err.key, err.problem) == ("auth.password_command", "set auth.password or auth.password_command, not both")
+    err = load_error(env={**TLS_UPSTREAM, "PGSIDECAR_AUTH_TOKEN": "aws", "PGSIDECAR_AUTH_PASSWORD_COMMAND": "get-pw"})
+    assert (err.key, err.problem) == ("auth.token", "set auth.password_command or auth.token, not both")
+    err = load_error(env={**TLS_UPSTREAM, "PGSIDECAR_AUTH_TOKEN": "gcp", "PGSIDECAR_AUTH_TOKEN_REGION": "x"})
+    assert (err.key, err.problem) == ("auth.token_region", "is used only with auth.token: aws")
+    err = load_error(env={**TLS_UPSTREAM, "PGSIDECAR_AUTH_TOKEN": "oracle"})
+    assert err.key == "auth.token" and err.problem == "expected one of: aws, gcp, azure, or none; got 'oracle'"
+
+
+def test_password_file_and_a_command_conflict(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s\n")
+    env = {**CONFIGURED, "PGSIDECAR_AUTH_PASSWORD_FILE": str(secret), "PGSIDECAR_AUTH_PASSWORD_COMMAND": "get-pw"}
+    err = load_error(env=env)
+    assert (err.key, err.problem) == (
+        "auth.password_command",
+        "set auth.password_file or auth.password_command, not both",
+    )
+
+
+def test_token_aws_with_a_region() -> None:
+    pytest.importorskip("botocore")
+    config = load(env={**TLS_UPSTREAM, "PGSIDECAR_AUTH_TOKEN": "AWS", "PGSIDECAR_AUTH_TOKEN_REGION": "eu-west-1"})
+    assert (config.auth.token, config.auth.token_region, config.auth.password) == ("aws", "eu-west-1", None)
+    assert load(env={**TLS_UPSTREAM, "PGSIDECAR_AUTH_TOKEN": "none"}).auth.token is None
+
+
+@pytest.mark.parametrize("sslmode", ["disable", "allow", "prefer"])
+def test_a_token_needs_tls_upstream(sslmode: str) -> None:
+    pytest.importorskip("botocore")
+    err = load_error(env={**CONFIGURED, "PGSSLMODE": sslmode, "PGSIDECAR_AUTH_TOKEN": "aws"})
+    assert err.key == "auth.token"
+    assert err.problem == (
+        "a token is a password: it needs TLS upstream, sslmode=require or stronger (upstream.dsn or PGSSLMODE); "
+        f"got sslmode={sslmode}"
+    )
+    for strong in ("require", "verify-ca", "verify-full"):
+        assert load(env={**CONFIGURED, "PGSSLMODE": strong, "PGSIDECAR_AUTH_TOKEN": "aws"}).auth.token == "aws"
+
+
+@pytest.mark.parametrize(
+    ("token", "modules", "missing"),
+    [
+        ("aws", ("botocore",), "botocore"),
+        ("gcp", ("google.auth",), "google.auth"),
+        ("gcp", ("google",), "google.auth"),
+        ("azure", ("azure.identity",), "azure.identity"),
+    ],
+)
+def test_a_missing_extra_is_a_config_error_naming_pip(
+    monkeypatch: pytest.MonkeyPatch, token: str, modules: tuple[str, ...], missing: str
+) -> None:
+    import sys
+
+    for module in modules:
+        monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    err = load_error(env={**TLS_UPSTREAM, "PGSIDECAR_AUTH_TOKEN": token})
+    assert err.key == "auth.token"
+    assert f"auth.token is {token} but {missing}" in err.problem
+    assert err.problem.endswith(f"is not installed: pip install 'pgsidecar[{token}]'")
+
+
+def test_a_missing_extra_exits_2(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['botocore'] = None\n"
+        "from pgsidecar.cli import main\n"
+        "sys.argv = ['pgsidecar', 'run', '--upstream', 'host=db sslmode=require user=svc']\n"
+        "main()\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "PGSIDECAR_AUTH_MODE": "configured", "PGSIDECAR_AUTH_TOKEN": "aws"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "config: auth.token: auth.token is aws but botocore is not installed: pip install 'pgsidecar[aws]'" in (
+        proc.stderr
+    )

@@ -47,8 +47,9 @@ ALLOWED_THIRD_PARTY: dict[str, frozenset[str]] = {
     "relay": frozenset(),
     "config": frozenset({"yaml"}),
     "observe": frozenset({"prometheus_client"}),
-    # tls.py generates and reads certificates; app.py installs uvloop.
-    "runtime": frozenset({"cryptography", "uvloop"}),
+    # tls.py generates and reads certificates; app.py installs uvloop; credentials.py imports
+    # each cloud's own library lazily, from its optional extra (pgsidecar[aws|gcp|azure]).
+    "runtime": frozenset({"cryptography", "uvloop", "botocore", "google", "azure"}),
 }
 
 #: Modules that mean I/O or a clock: allowed only in these layers.

@@ -172,9 +172,10 @@ botocore.auth.get_current_datetime = lambda *args, **kwargs: _FROZEN
 
 @pytest.fixture
 def frozen_botocore(monkeypatch: pytest.MonkeyPatch):
-    botocore_auth = pytest.importorskip("botocore.auth")
-    if not hasattr(botocore_auth, "get_current_datetime"):
-        pytest.skip("this botocore reads the clock another way; the freeze below does not apply")
+    import botocore.auth as botocore_auth
+
+    # The freeze below patches botocore's clock: a botocore that reads it another way fails here.
+    assert hasattr(botocore_auth, "get_current_datetime"), "botocore reads the clock another way"
     for name, value in AWS_ENV.items():
         monkeypatch.setenv(name, value)
     for name in ("AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_SECURITY_TOKEN"):

@@ -1,11 +1,10 @@
 """runtime/credentials.py: the upstream password fetched for every connect (static, a command,
 an RDS / Cloud SQL / Entra ID token), and the brain taking it from ServerConnected.
 
-The aws provider runs the real botocore (the `test` extra installs it). google-auth and
-azure-identity are not installed by the `test` extra: their providers are tested against fake
-modules put in sys.modules that follow the documented API (google.auth.default + refresh,
-DefaultAzureCredential.get_token); when the real libraries are installed, a smoke test checks
-that those names exist.
+The aws provider runs the real botocore. The gcp and azure providers cannot reach a cloud here,
+so they are tested against fake modules put in sys.modules that follow the documented API
+(google.auth.default + refresh, DefaultAzureCredential.get_token); the `test` extra installs the
+real libraries too, and a smoke test checks that those names exist in them.
 """
 
 from __future__ import annotations
@@ -232,7 +231,8 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def botocore_token(host: str, port: int, user: str, region: str) -> str:
-    botocore_session = pytest.importorskip("botocore.session")
+    import botocore.session as botocore_session
+
     client = botocore_session.get_session().create_client("rds", region_name=region)
     return str(client.generate_db_auth_token(DBHostname=host, Port=port, DBUsername=user, Region=region))
 
@@ -243,7 +243,6 @@ def amz_date(token: str) -> str:
 
 @pytest.mark.usefixtures("aws_env")
 def test_aws_token_is_botocores_own() -> None:
-    pytest.importorskip("botocore")
     for _ in range(5):  # the signature covers the second it was made: compare within one second
         token = run(cr.AwsRdsToken("iam_user", "eu-west-1").password("db.example.com", 5432))
         expected = botocore_token("db.example.com", 5432, "iam_user", "eu-west-1")
@@ -262,7 +261,6 @@ def test_aws_token_is_botocores_own() -> None:
 
 @pytest.mark.usefixtures("aws_env")
 def test_aws_region_from_aws_region(monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("botocore")
     monkeypatch.setenv("AWS_REGION", "ap-south-1")
     token = run(cr.AwsRdsToken("u").password("db.example.com", 5432))
     assert "/ap-south-1/rds-db/" in parse_qs(urlsplit("https://" + token).query)["X-Amz-Credential"][0]
@@ -270,14 +268,12 @@ def test_aws_region_from_aws_region(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("aws_env")
 def test_aws_without_a_region_fails_the_connect_clearly() -> None:
-    pytest.importorskip("botocore")
     with pytest.raises(cr.CredentialError, match=r"no region: set auth\.token_region, AWS_REGION"):
         run(cr.AwsRdsToken("u").password("db.example.com", 5432))
 
 
 @pytest.mark.usefixtures("aws_env")
 def test_aws_without_credentials_fails_without_leaking(monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("botocore")
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     with pytest.raises(cr.CredentialError, match=r"auth\.token aws: no token: NoCredentialsError"):
@@ -286,7 +282,6 @@ def test_aws_without_credentials_fails_without_leaking(monkeypatch: pytest.Monke
 
 @pytest.mark.usefixtures("aws_env")
 def test_aws_token_reused_for_ten_minutes_per_host() -> None:
-    pytest.importorskip("botocore")
     clock = Clock(time.time())
     source = cr.AwsRdsToken("u", "us-east-1", clock=clock)
     minted: list[str] = []
@@ -474,11 +469,12 @@ def test_azure_token_for_the_flexible_server_scope(monkeypatch: pytest.MonkeyPat
 
 
 def test_the_real_gcp_and_azure_libraries_have_the_names_used() -> None:
-    """Only where the extras are installed (not by the `test` extra)."""
-    google_auth = pytest.importorskip("google.auth")
-    google_requests = pytest.importorskip("google.auth.transport.requests")
+    """The `test` extra installs both libraries so this runs everywhere (no cloud call)."""
+    import azure.identity as identity
+    import google.auth as google_auth
+    import google.auth.transport.requests as google_requests
+
     assert callable(google_auth.default) and callable(google_requests.Request)
-    identity = pytest.importorskip("azure.identity")
     assert callable(identity.DefaultAzureCredential.get_token)
     from azure.core.credentials import AccessToken
 

@@ -42,6 +42,14 @@ def frontend_limits(max_len: int) -> list[int]:
     return limits
 
 
+def bad_length_text(t: int, ln: int, limit: int) -> str:
+    """The words for a length word that is too small or over the type's limit (both framers)."""
+    kind = chr(t) if 32 < t < 127 else f"0x{t:02x}"
+    if ln < 4:
+        return f"invalid message length {ln} for message type {kind!r}"
+    return f"invalid message length: message type {kind!r} of {ln} bytes exceeds the limit of {limit} bytes"
+
+
 class Prefix(bytes):
     """The first bytes of a message body that spanned reads and was too long to collect whole."""
 
@@ -221,12 +229,7 @@ class FrameScanner:
         return f"invalid frontend message type {t}"
 
     def _bad_length(self, t: int, ln: int) -> str:
-        kind = chr(t) if 32 < t < 127 else f"0x{t:02x}"
-        if ln < 4:
-            return f"invalid message length {ln} for message type {kind!r}"
-        return (
-            f"invalid message length: message type {kind!r} of {ln} bytes exceeds the limit of {self.limits[t]} bytes"
-        )
+        return bad_length_text(t, ln, self.limits[t])
 
     def _partial(self, t: int, size: int, remaining: int, head_of_body: bytes | memoryview) -> None:
         if self._refused(t):
@@ -372,12 +375,7 @@ class MessageBuffer:
 
     def _bad_length(self, t: int, ln: int) -> str:
         # FrameScanner's words: a client hears the same whichever path read its bytes.
-        kind = chr(t) if 32 < t < 127 else f"0x{t:02x}"
-        if ln < 4:
-            return f"invalid message length {ln} for message type {kind!r}"
-        return (
-            f"invalid message length: message type {kind!r} of {ln} bytes exceeds the limit of {self.limits[t]} bytes"
-        )
+        return bad_length_text(t, ln, self.limits[t])
 
     def next(self) -> tuple[int, bytes] | None:
         """The next whole message as (type byte, payload), or None for need-more."""

@@ -137,3 +137,27 @@ def test_compose_app_goes_through_the_sidecar_with_tls(compose):
     url = compose["services"]["app"]["environment"]["DATABASE_URL"]
     target = parse_conninfo(url.replace("${APP_DB_PASSWORD:-change-me}", "x"), env={})
     assert (target.host, target.port, target.sslmode.value) == ("pgsidecar", 6432, "require")
+
+
+K8S_UNIX = ROOT / "deploy" / "kubernetes" / "sidecar-unix-socket.yaml"
+
+
+def test_the_unix_socket_fast_lane_manifest(tmp_path):
+    """deploy/kubernetes/sidecar-unix-socket.yaml: one emptyDir in both containers; the sidecar's
+    socket file is where the app's libpq DSN looks; the rest is sidecar.yaml's."""
+    docs = {doc["kind"]: doc for doc in yaml.safe_load_all(K8S_UNIX.read_text()) if doc}
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    (sidecar,) = [c for c in pod["initContainers"] if c["name"] == "pgsidecar"]
+    (app,) = pod["containers"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "pgsidecar-socket"]
+    assert "emptyDir" in volume
+    config = _k8s_config(docs, sidecar, tmp_path)
+    socket_dir = config.listen.unix_socket_dir
+    for container in (sidecar, app):
+        assert {"name": "pgsidecar-socket", "mountPath": socket_dir} in container["volumeMounts"]
+    url = str(_env(app)["DATABASE_URL"]).replace("$(DB_USER)", "app").replace("$(DB_PASSWORD)", "pw")
+    target = parse_conninfo(url, {})
+    assert target.is_unix_socket and target.host == socket_dir and target.port == config.listen.port
+    tcp = yaml.safe_load_all(K8S.read_text())
+    same = {doc["kind"]: doc for doc in tcp if doc}
+    assert same["ConfigMap"] == docs["ConfigMap"] and same["Secret"] == docs["Secret"]

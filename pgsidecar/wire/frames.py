@@ -9,6 +9,7 @@ so memory per session does not grow with the size of a result.
 
 from __future__ import annotations
 
+import functools
 from struct import Struct
 
 from pgsidecar.wire.errors import ClientProtocolError, ProtocolError, ServerProtocolError
@@ -34,12 +35,28 @@ PREFIX_BYTES = 64 * 1024
 _PARSE = ord("P")
 
 
-def frontend_limits(max_len: int) -> list[int]:
-    """Per-type length limits for a client stream: PostgreSQL's, capped by ``max_len``."""
+Limits = tuple[int, ...]  # one length limit per type byte (256)
+
+
+@functools.lru_cache(maxsize=16)
+def frontend_limits(max_len: int) -> Limits:
+    """Per-type length limits for a client stream: PostgreSQL's, capped by ``max_len``. Shared,
+    not copied per session (a table of 256 ints is 4 kB)."""
     limits = [min(max_len, PQ_LARGE_MESSAGE_LIMIT)] * 256
     for t in SMALL_FRONTEND_TYPES:
         limits[t] = min(max_len, PQ_SMALL_MESSAGE_LIMIT)
-    return limits
+    return tuple(limits)
+
+
+@functools.lru_cache(maxsize=16)
+def uniform_limits(max_len: int) -> Limits:
+    """The same limit for every type byte, shared."""
+    return (max_len,) * 256
+
+
+# FrameScanner's per-type tables, shared by every scanner with the same configuration: per
+# session they cost 13 kB (two scanners, two tables of 256 ints each), the idle client's budget.
+_TABLES: dict[tuple[frozenset[int], frozenset[int], frozenset[int] | None, Limits], tuple[Limits, Limits]] = {}
 
 
 def bad_length_text(t: int, ln: int, limit: int) -> str:
@@ -102,7 +119,7 @@ class FrameScanner:
         *,
         client: bool,
         allowed: bytes | None = None,
-        limits: list[int] | None = None,
+        limits: Limits | None = None,
         prefix: int | None = PREFIX_BYTES,
         marks: bytes = b"",
         whole_named_parse: bool = False,
@@ -111,7 +128,7 @@ class FrameScanner:
         # Types outside ``allowed`` are refused (a frontend message type PostgreSQL would reject).
         self.allowed = frozenset(allowed) if allowed is not None else None
         self.max_len = max_len
-        self.limits = limits if limits is not None else [max_len] * 256
+        self.limits = limits if limits is not None else uniform_limits(max_len)
         self.prefix = prefix if prefix is not None else max_len
         self.marks = frozenset(marks)
         self.messages = 0
@@ -128,9 +145,14 @@ class FrameScanner:
         # Per type byte, for feed's loop: what a whole message asks for (0 skip it, 1 hand it
         # over, 2 hand it over and mark) and the largest length word, -1 for a type refused
         # outright, so one comparison checks both (``_refusal`` then says which it was).
-        wanted_marks = self.marks & self.wanted
-        self._kinds = [2 if t in wanted_marks else 1 if t in self.wanted else 0 for t in range(256)]
-        self._bounds = [-1 if self._refused(t) else self.limits[t] for t in range(256)]
+        key = (self.wanted, self.marks, self.allowed, self.limits)
+        tables = _TABLES.get(key)
+        if tables is None:
+            wanted_marks = self.marks & self.wanted
+            kinds = tuple(2 if t in wanted_marks else 1 if t in self.wanted else 0 for t in range(256))
+            bounds = tuple(-1 if self._refused(t) else self.limits[t] for t in range(256))
+            tables = _TABLES.setdefault(key, (kinds, bounds))
+        self._kinds, self._bounds = tables
 
     def _error(self, text: str) -> ProtocolError:
         cls = ClientProtocolError if self._client else ServerProtocolError
@@ -338,11 +360,11 @@ class MessageBuffer:
 
     __slots__ = ("_buf", "_client", "_skip", "limits", "max_len")
 
-    def __init__(self, max_len: int, *, client: bool, limits: list[int] | None = None) -> None:
+    def __init__(self, max_len: int, *, client: bool, limits: Limits | None = None) -> None:
         self._buf = bytearray()
         self.max_len = max_len
         # Per type byte; ``frontend_limits`` gives a client stream PostgreSQL's.
-        self.limits = limits if limits is not None else [max_len] * 256
+        self.limits = limits if limits is not None else uniform_limits(max_len)
         self._client = client
         self._skip = 0  # bytes of a dropped message still to come; fed bytes pay this first
 

@@ -282,10 +282,7 @@ class Login:
         if why is not None:
             walk.wrong_role(address, why)
             text = f'server at "{ctx.facts.get("host")}" ({address}) has the wrong role: {why}'
-            if ctx.phase is Phase.AUTHENTICATING and not ctx.drops.active:
-                ctx.drops.first_connect_error(text, ctx.now)
-            else:
-                ctx.drops.reconnect_error(text, None)
+            self.reconnect.note_error(ctx.now, text)
             return [
                 cmd.CloseServer(),
                 cmd.NoteUpstream(str(ctx.facts.get("host") or ""), address, role.name, fits=False),

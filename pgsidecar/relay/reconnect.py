@@ -189,7 +189,7 @@ class Reconnect:
         """This host is no use now: the next one at once, or after a backoff a new pass."""
         ctx = self.ctx
         if not noted:
-            self._note_error(now, text, code)
+            self.note_error(now, text, code)
         if ctx.walk.next_host():
             self.login.reset()
             ctx.drops.attempt()
@@ -197,7 +197,8 @@ class Reconnect:
         ctx.walk.restart()
         return self.connect_failed(now, text, noted=True)
 
-    def _note_error(self, now: float, text: str, code: str | None = None) -> None:
+    def note_error(self, now: float, text: str, code: str | None = None) -> None:
+        """A failed connect or login, in the drop's book (or the first login's retries)."""
         ctx = self.ctx
         if ctx.phase is Phase.AUTHENTICATING and not ctx.drops.active:
             ctx.drops.first_connect_error(text, now)
@@ -212,7 +213,7 @@ class Reconnect:
             ctx.internal.reset()
             ctx.goto(Phase.RECONNECTING)
         if not noted:
-            self._note_error(now, text)
+            self.note_error(now, text)
         return [cmd.CloseServer(), *self.schedule_retry(now)]
 
     def schedule_retry(self, now: float) -> list[cmd.Command]:

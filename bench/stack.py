@@ -275,6 +275,9 @@ class Stack:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PGSIDECAR_"))}
         env["PGSIDECAR_LISTEN_MAX_CLIENTS"] = "2000"
         env.update(extra_env or {})
+        # BENCH_SIDECAR_SRC=<a checkout>: run that tree's pgsidecar under this harness (before/after).
+        src = os.environ.get("BENCH_SIDECAR_SRC") or _REPO
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH", "")]))
         argv = [
             sys.executable,
             *self.sidecar_prefix(),
@@ -298,7 +301,9 @@ class Stack:
         ]
         # Appended: a restart keeps the earlier lines. The child keeps its own descriptor.
         with open(os.path.join(self.root, "sidecar.log"), "ab") as log:
-            self.sidecar = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self.sidecar = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=src, start_new_session=True
+            )
         wait_port(self.sidecar_port, self.sidecar, "pgsidecar")
 
     @property

@@ -38,9 +38,14 @@ from pgsidecar.wire.errors import ClientProtocolError, ProtocolError
 
 __all__ = ["SessionPolicy", "SidecarConnection", "UnexpectedEvent"]
 
-Handler = Callable[[Any], list[cmd.Command]]
+# A route: the connection and the event in, the commands out. One table for every session (a
+# table of bound methods per session cost about 2 kB of each idle client's memory).
+Handler = Callable[["SidecarConnection", Any], list[cmd.Command]]
 
 _RELAYING = Phase.RELAYING
+# Backoff jitter and host order, never secrets: one generator for all sessions (one each was
+# 2.5 kB of every idle client); tests pass their own, seeded.
+_RNG = random.Random()
 
 
 class UnexpectedEvent(RuntimeError):
@@ -51,7 +56,7 @@ class SidecarConnection:
     """One client session. ``handle(event)`` returns the commands to carry out, in order."""
 
     def __init__(self, policy: SessionPolicy, *, secret: bytes, rng: random.Random | None = None) -> None:
-        rng = rng or random.Random()
+        rng = rng or _RNG
         walk = HostWalk(policy.host_count, policy.target_session_attrs, policy.load_balance, rng)
         self.ctx = ctx = SessionContext(policy, secret, rng, password=policy.upstream_password, walk=walk)
         self.relay = Relaying(ctx)
@@ -63,66 +68,6 @@ class SidecarConnection:
         self.reconnect.login = self.login
         self.reconnect.parking = self.parking
         self.login.startup = self.startup
-        self._routes = self._route_table()
-
-    def _route_table(self) -> dict[Phase, dict[type, Handler]]:
-        """Which events each phase accepts, and who handles them."""
-        startup, login, relay, reconnect, parking = self.startup, self.login, self.relay, self.reconnect, self.parking
-        always: dict[type, Handler] = {
-            ev.Timer: self._timer,
-            ev.ClientClosed: reconnect.client_closed,
-            ev.Drain: self._drain,
-            ev.CancelRequested: self._cancel,
-        }
-        upstream: dict[type, Handler] = {
-            ev.ServerConnected: login.server_connected,
-            ev.ServerConnectFailed: reconnect.server_connect_failed,
-            ev.ServerClosed: reconnect.server_closed,
-        }
-        relaying: dict[type, Handler] = {
-            **always,
-            ev.ClientData: lambda e: relay.client_data(e.data),
-            ev.ServerData: lambda e: relay.server_data(e.data),
-            ev.ServerClosed: reconnect.server_closed,
-        }
-        return {
-            Phase.STARTUP: {
-                **always,
-                ev.ClientConnected: startup.connected,
-                ev.ClientTLSStarted: startup.tls_started,
-                ev.ClientData: lambda e: startup.data(e.data),
-                ev.ServerClosed: lambda e: [],
-            },
-            Phase.AUTHENTICATING: {
-                **always,
-                **upstream,
-                ev.ClientData: lambda e: startup.password(e.data),
-                ev.ServerData: lambda e: login.server_data(e.data),
-            },
-            Phase.RELAYING: relaying,
-            Phase.DRAINING: relaying,
-            Phase.RECONNECTING: {
-                **always,
-                **upstream,
-                ev.ClientData: lambda e: reconnect.client_waiting(e.data),
-                ev.ServerData: lambda e: login.server_data(e.data),
-            },
-            Phase.REPLAYING: {
-                **always,
-                **upstream,
-                ev.ClientData: lambda e: reconnect.client_waiting(e.data),
-                ev.ServerData: lambda e: relay.server_data(e.data),
-            },
-            # No upstream: the next request unparks; what the closed socket still says is no drop.
-            Phase.PARKED: {
-                **always,
-                ev.ClientData: lambda e: parking.client_data(e.data),
-                ev.ServerData: lambda e: [],
-                ev.ServerClosed: lambda e: [],
-            },
-            # Closed: the runtime may still deliver what was already under way; nothing is done.
-            Phase.CLOSED: {kind: lambda e: [] for kind in _EVENT_TYPES},
-        }
 
     @property
     def phase(self) -> Phase:
@@ -133,11 +78,11 @@ class SidecarConnection:
         ctx.now = event.now  # the clock, for records closed by any event
         if isinstance(event, ev.ClientData):
             ctx.last_client_at = event.now
-        route = self._routes[ctx.phase].get(type(event))
+        route = _ROUTES[ctx.phase].get(type(event))
         if route is None:
             raise UnexpectedEvent(f"{type(event).__name__} in phase {ctx.phase.value}")
         try:
-            return route(event)
+            return route(self, event)
         except ProtocolError as exc:
             return self._protocol_error(exc, event)
 
@@ -212,3 +157,66 @@ _EVENT_TYPES: tuple[type, ...] = (
     ev.Drain,
     ev.CancelRequested,
 )
+
+
+def _route_table() -> dict[Phase, dict[type, Handler]]:
+    """Which events each phase accepts, and who handles them."""
+    always: dict[type, Handler] = {
+        ev.Timer: lambda c, e: c._timer(e),
+        ev.ClientClosed: lambda c, e: c.reconnect.client_closed(e),
+        ev.Drain: lambda c, e: c._drain(e),
+        ev.CancelRequested: lambda c, e: c._cancel(e),
+    }
+    upstream: dict[type, Handler] = {
+        ev.ServerConnected: lambda c, e: c.login.server_connected(e),
+        ev.ServerConnectFailed: lambda c, e: c.reconnect.server_connect_failed(e),
+        ev.ServerClosed: lambda c, e: c.reconnect.server_closed(e),
+    }
+    relaying: dict[type, Handler] = {
+        **always,
+        ev.ClientData: lambda c, e: c.relay.client_data(e.data),
+        ev.ServerData: lambda c, e: c.relay.server_data(e.data),
+        ev.ServerClosed: lambda c, e: c.reconnect.server_closed(e),
+    }
+    nothing: Handler = lambda c, e: []  # noqa: E731 - a route, like the lambdas around it
+    return {
+        Phase.STARTUP: {
+            **always,
+            ev.ClientConnected: lambda c, e: c.startup.connected(e),
+            ev.ClientTLSStarted: lambda c, e: c.startup.tls_started(e),
+            ev.ClientData: lambda c, e: c.startup.data(e.data),
+            ev.ServerClosed: nothing,
+        },
+        Phase.AUTHENTICATING: {
+            **always,
+            **upstream,
+            ev.ClientData: lambda c, e: c.startup.password(e.data),
+            ev.ServerData: lambda c, e: c.login.server_data(e.data),
+        },
+        Phase.RELAYING: relaying,
+        Phase.DRAINING: relaying,
+        Phase.RECONNECTING: {
+            **always,
+            **upstream,
+            ev.ClientData: lambda c, e: c.reconnect.client_waiting(e.data),
+            ev.ServerData: lambda c, e: c.login.server_data(e.data),
+        },
+        Phase.REPLAYING: {
+            **always,
+            **upstream,
+            ev.ClientData: lambda c, e: c.reconnect.client_waiting(e.data),
+            ev.ServerData: lambda c, e: c.relay.server_data(e.data),
+        },
+        # No upstream: the next request unparks; what the closed socket still says is no drop.
+        Phase.PARKED: {
+            **always,
+            ev.ClientData: lambda c, e: c.parking.client_data(e.data),
+            ev.ServerData: nothing,
+            ev.ServerClosed: nothing,
+        },
+        # Closed: the runtime may still deliver what was already under way; nothing is done.
+        Phase.CLOSED: dict.fromkeys(_EVENT_TYPES, nothing),
+    }
+
+
+_ROUTES = _route_table()

@@ -38,6 +38,13 @@ _PARSE = ord("P")
 Limits = tuple[int, ...]  # one length limit per type byte (256)
 
 
+@functools.lru_cache(maxsize=64)
+def _byte_set(types: bytes) -> frozenset[int]:
+    """One shared set per list of type bytes: every scanner holds the same few (memory per idle
+    session)."""
+    return frozenset(types)
+
+
 @functools.lru_cache(maxsize=16)
 def frontend_limits(max_len: int) -> Limits:
     """Per-type length limits for a client stream: PostgreSQL's, capped by ``max_len``. Shared,
@@ -124,13 +131,13 @@ class FrameScanner:
         marks: bytes = b"",
         whole_named_parse: bool = False,
     ) -> None:
-        self.wanted = frozenset(wanted)
+        self.wanted = _byte_set(wanted)
         # Types outside ``allowed`` are refused (a frontend message type PostgreSQL would reject).
-        self.allowed = frozenset(allowed) if allowed is not None else None
+        self.allowed = _byte_set(allowed) if allowed is not None else None
         self.max_len = max_len
         self.limits = limits if limits is not None else uniform_limits(max_len)
         self.prefix = prefix if prefix is not None else max_len
-        self.marks = frozenset(marks)
+        self.marks = _byte_set(marks)
         self.messages = 0
         self.last_mark = 0
         self._skip = 0  # bytes of the current message body still to come

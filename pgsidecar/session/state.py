@@ -232,13 +232,25 @@ class SessionBook:
         latin-1 maps each byte to one character, so a match in the text is one in the bytes."""
         low = sql.lower().decode("latin-1")
         if "set" in low or "temp" in low or "advisory" in low:
-            self.note_sql(sql)
+            self.note_sql(sql, low)
         return ("commit" in low or "end" in low or "prepare" in low) and may_commit(sql)
 
-    def note_sql(self, sql: bytes) -> None:
-        if text_is_dirty(sql):
+    def note_sql(self, sql: bytes, low: str | None = None) -> None:
+        """Book a statement text that may change session state. ``low``, its lowercase latin-1
+        text, lets the regexes be skipped when the words they need are absent: every match of
+        _DIRTY_TEXT holds set_config, advisory or temp (pg_temp, temporary), or set with session
+        or role; every match of _CUSTOM_SETTING holds set and a dot. An UPDATE ... SET has none
+        of the first, and the regex cost it 2-4 us."""
+        if low is None:
+            low = sql.lower().decode("latin-1")
+        if (
+            "set_config" in low
+            or "advisory" in low
+            or "temp" in low
+            or ("set" in low and ("session" in low or "role" in low))
+        ) and text_is_dirty(sql):
             self.dirty = True
-        if b"." in sql:
+        if "." in low and "set" in low:
             names = custom_setting_names(sql)
             if names:
                 self.custom_names |= names

@@ -14,6 +14,8 @@ import json
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 
 from pgsidecar.relay.dropbook import DropTracker, snapshot
 from pgsidecar.relay.recovery import LocalAbortResponder
@@ -181,6 +183,53 @@ def test_book_notes_custom_names_and_dirt() -> None:
     book.note_sql(b"SET app.tenant = 'acme'")
     assert book.dirty and book.custom_names == {"app.tenant"}
     assert b"$pgsc$app.tenant$pgsc$" in snapshot_sql(book.custom_names)
+
+
+_WORDS = [
+    b"SET",
+    b"set",
+    b"SeT",
+    b"session",
+    b"SESSION",
+    b"role",
+    b"Role",
+    b"temp",
+    b"TEMPORARY",
+    b"pg_temp",
+    b"set_config",
+    b"advisory",
+    b"app.tenant",
+    b".",
+    b"reset",
+    b"UPDATE t",
+    b"SELECT",
+    b"x",
+    b"=",
+    b"'v'",
+    b"(",
+    b"'",
+    b"_",
+    b"\t",
+    b"\n",
+    b"  ",
+    b" ",
+    b";",
+    b"\xe9",
+    b"\x00",
+]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(hst.lists(hst.sampled_from(_WORDS) | hst.binary(max_size=4), max_size=12))
+def test_the_word_prefilter_never_changes_what_the_regexes_say(parts: list[bytes]) -> None:
+    """note_request skips the regexes when the words they need are absent (a speed-up): what it
+    books must be exactly what the regexes alone say."""
+    sql = b"".join(parts)
+    book = SessionBook()
+    book.note_request(sql)
+    names = custom_setting_names(sql)
+    assert book.dirty is (text_is_dirty(sql) or bool(names)), sql
+    assert book.custom_names == names, sql
 
 
 def test_snapshot_sql_without_custom_names_is_valid_text() -> None:

@@ -402,3 +402,7 @@ class ClientDriver(asyncio.Protocol):
         self.timers.clear()
         self._close_server()
         self.sidecar.unregister(self)
+        # No cycle left for the garbage collector: the client transport points at this driver,
+        # and the brain's handlers at each other (the session is freed by reference counting).
+        self.client = None
+        self.brain.release()

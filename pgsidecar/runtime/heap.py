@@ -16,6 +16,13 @@ So every TLS connection made with pgsidecar's contexts is watched (tls.py sets t
 been freed, one `malloc_trim(0)` runs on the loop: at most one per delay while connections
 churn, none while none end. Where malloc_trim does not exist (macOS, some libcs) nothing is
 watched.
+
+The trim can give back only what was freed: an ended session must be freed at once, by reference
+counting, not at some later full garbage collection (a session that lived a while sits in the
+oldest generation). The runtime releases the brain at teardown for that (SidecarConnection.release,
+tests/unit/test_release.py); with it, a full collection right after 1000 sessions ended found
+nothing to free, and `python -m bench.waves` (10 waves of 1000 upstream TLS clients, RSS 6 s after
+each) went from 65.4 -> 74.3 MiB to 59.5 -> 60.8 MiB.
 """
 
 from __future__ import annotations

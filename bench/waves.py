@@ -28,8 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     stack = Stack()
     try:
         stack.start()
-        assert stack.sidecar is not None
-        pid = stack.sidecar.pid
+        pid = stack.proxy_pid("pgsidecar")
         dsn = f"host=127.0.0.1 port={stack.sidecar_port} user={stack.user} dbname=postgres sslmode=disable"
         print(f"sidecar RSS at start: {rss_mib(pid):.1f} MiB", flush=True)
         after: list[float] = []
